@@ -1,0 +1,257 @@
+//! Builds the control plane from its configuration and runs it until shutdown.
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::SystemTime,
+};
+
+use anyhow::Context;
+use prometheus::Registry;
+use tokio::{net::TcpListener, sync::watch, task::JoinSet};
+use tracing::{error, info, warn};
+
+use crate::{
+    admin::{self, AdminState},
+    authn::{Authenticator, KubernetesAuthenticator, StaticTokens},
+    ca::{CaStore, Reload},
+    config::{AuthenticatorConfig, ServeConfig},
+    grpc::{self, ServerLimits, ServingCert},
+    metrics::Metrics,
+    service::IdentityService,
+    watch::FileWatch,
+};
+
+/// A control plane whose listeners are bound, ready to run.
+#[derive(Debug)]
+pub struct App {
+    config: ServeConfig,
+    ca: Arc<CaStore>,
+    authenticator: Arc<Authenticator>,
+    metrics: Metrics,
+    registry: Registry,
+    grpc: TcpListener,
+    admin: TcpListener,
+}
+
+// === impl App ===
+
+impl App {
+    /// Loads the CA and the authenticator and binds both listeners.
+    pub async fn build(config: ServeConfig) -> anyhow::Result<Self> {
+        let registry = Registry::new();
+        let metrics = Metrics::register(&registry).context("registering metrics")?;
+
+        let ca = CaStore::load(&config.ca_dir).with_context(|| {
+            format!(
+                "loading the CA from {} (create one with `palisade-control-plane ca init --out {}`)",
+                config.ca_dir.display(),
+                config.ca_dir.display()
+            )
+        })?;
+        let issuer = ca.issuer();
+        metrics.issuer_loaded(issuer.not_after(), issuer.bundle().len());
+        info!(
+            dir = %config.ca_dir.display(),
+            issuer = %issuer.fingerprint(),
+            not_after = %humantime::format_rfc3339_seconds(issuer.not_after()),
+            roots = issuer.bundle().len(),
+            "loaded the CA"
+        );
+
+        let authenticator = match &config.authenticator {
+            AuthenticatorConfig::Static { path } => Authenticator::Static(
+                StaticTokens::load(path, config.trust_domain.clone())
+                    .context("loading the static token file")?,
+            ),
+            AuthenticatorConfig::Kubernetes(k) => Authenticator::Kubernetes(
+                KubernetesAuthenticator::from_environment(k.clone())
+                    .await
+                    .context("setting up the kubernetes authenticator")?,
+            ),
+        };
+
+        let grpc = TcpListener::bind(config.grpc_addr)
+            .await
+            .with_context(|| format!("binding the gRPC address {}", config.grpc_addr))?;
+        let admin = TcpListener::bind(config.admin_addr)
+            .await
+            .with_context(|| format!("binding the admin address {}", config.admin_addr))?;
+        Ok(Self {
+            config,
+            ca: Arc::new(ca),
+            authenticator: Arc::new(authenticator),
+            metrics,
+            registry,
+            grpc,
+            admin,
+        })
+    }
+
+    /// The bound gRPC address.
+    pub fn grpc_addr(&self) -> std::io::Result<SocketAddr> {
+        self.grpc.local_addr()
+    }
+
+    /// The bound admin address.
+    pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
+        self.admin.local_addr()
+    }
+
+    /// Serves until `shutdown`, then drains for at most the configured grace.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let Self {
+            config,
+            ca,
+            authenticator,
+            metrics,
+            registry,
+            grpc,
+            admin,
+        } = self;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        };
+
+        let serving = Arc::new(
+            ServingCert::new(&ca, config.server_names.clone()).context("issuing the serving certificate")?,
+        );
+        let tls = grpc::server_tls(serving.clone()).context("building the gRPC TLS configuration")?;
+        let ready = Arc::new(AtomicBool::new(false));
+        let grpc_addr = grpc.local_addr()?;
+        let admin_addr = admin.local_addr()?;
+
+        let mut tasks = JoinSet::new();
+        tasks.spawn(serving.maintain(ca.clone(), stopped()));
+        tasks.spawn(watch_ca(ca.clone(), metrics.clone(), stopped()));
+        if let Authenticator::Static(_) = &*authenticator {
+            tasks.spawn(watch_tokens(authenticator.clone(), metrics.clone(), stopped()));
+        }
+
+        let admin_state = AdminState {
+            registry,
+            ready: ready.clone(),
+            config: Arc::new(serde_json::to_value(&config).context("serializing the configuration")?),
+        };
+        let admin_server = tokio::spawn(admin::serve(admin, admin_state, stopped()));
+
+        let service = IdentityService::new(
+            ca,
+            authenticator,
+            config.trust_domain.clone(),
+            config.lifetimes.clone(),
+            config.max_concurrent_signings,
+            config.signing_queue_timeout,
+            metrics,
+        );
+        let limits = ServerLimits {
+            request_timeout: config.request_timeout,
+            handshake_timeout: config.handshake_timeout,
+            max_pending_handshakes: config.max_pending_handshakes,
+            max_concurrent_streams: 256,
+        };
+        let grpc_server = tokio::spawn(grpc::serve(grpc, tls, service, limits, stopped()));
+        ready.store(true, Ordering::Release);
+        info!(grpc = %grpc_addr, admin = %admin_addr, trust_domain = %config.trust_domain, "serving");
+
+        shutdown.await;
+        info!(grace = ?config.shutdown_grace, "shutting down: draining in-flight requests");
+        ready.store(false, Ordering::Release);
+        let _ = stop_tx.send(true);
+        let drained = tokio::time::timeout(config.shutdown_grace, async {
+            let grpc = grpc_server.await;
+            let admin = admin_server.await;
+            (grpc, admin)
+        })
+        .await;
+        match drained {
+            Ok((Ok(Ok(())), Ok(Ok(())))) => info!("stopped"),
+            Ok((grpc, admin)) => error!(?grpc, ?admin, "a server ended with an error"),
+            Err(_) => warn!("the shutdown grace ran out; abandoning in-flight requests"),
+        }
+        tasks.shutdown().await;
+        Ok(())
+    }
+}
+
+/// Reloads the CA directory when it changes; a broken replacement is refused,
+/// logged and counted, and the old issuer keeps signing.
+async fn watch_ca(ca: Arc<CaStore>, metrics: Metrics, stop: impl Future<Output = ()>) {
+    let mut watch = match FileWatch::new(&[ca.dir()]) {
+        Ok(w) => w,
+        Err(error) => {
+            error!(%error, dir = %ca.dir().display(), "cannot watch the CA directory; issuer changes need a restart");
+            return;
+        }
+    };
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => return,
+            () = watch.changed() => {}
+        }
+        match ca.reload() {
+            Ok(Reload::Unchanged) => {}
+            Ok(Reload::Replaced) => {
+                let issuer = ca.issuer();
+                metrics.reloaded("issuer", true);
+                metrics.issuer_loaded(issuer.not_after(), issuer.bundle().len());
+                info!(
+                    issuer = %issuer.fingerprint(),
+                    not_after = %humantime::format_rfc3339_seconds(issuer.not_after()),
+                    roots = issuer.bundle().len(),
+                    "switched to a new issuer"
+                );
+            }
+            Err(error) => {
+                metrics.reloaded("issuer", false);
+                let current = ca.issuer();
+                warn!(
+                    %error,
+                    keeping = %current.fingerprint(),
+                    expires_in = ?current.not_after().duration_since(SystemTime::now()).unwrap_or_default(),
+                    "refused the changed CA directory; the current issuer keeps signing"
+                );
+            }
+        }
+    }
+}
+
+/// Reloads the static token file when it changes; a bad edit keeps the old table.
+async fn watch_tokens(authenticator: Arc<Authenticator>, metrics: Metrics, stop: impl Future<Output = ()>) {
+    let Authenticator::Static(tokens) = &*authenticator else {
+        return;
+    };
+    let mut watch = match FileWatch::new(&[tokens.path()]) {
+        Ok(w) => w,
+        Err(error) => {
+            error!(%error, file = %tokens.path().display(), "cannot watch the token file; edits need a restart");
+            return;
+        }
+    };
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => return,
+            () = watch.changed() => {}
+        }
+        match tokens.reload() {
+            Ok(n) => {
+                metrics.reloaded("static_tokens", true);
+                info!(tokens = n, file = %tokens.path().display(), "reloaded the static token file");
+            }
+            Err(error) => {
+                metrics.reloaded("static_tokens", false);
+                warn!(%error, "refused the changed token file; the previous tokens stay in use");
+            }
+        }
+    }
+}

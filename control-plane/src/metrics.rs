@@ -1,0 +1,116 @@
+//! The control plane's Prometheus metrics, registered on one [`Registry`].
+
+use std::time::{Duration, SystemTime};
+
+use prometheus::{
+    Gauge, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, core::Collector,
+};
+
+/// Counters and gauges of the CA and its authenticators.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    issued: IntCounterVec,
+    issue_duration: Histogram,
+    issuer_expiration: Gauge,
+    bundle_roots: IntGauge,
+    authn_failures: IntCounterVec,
+    reloads: IntCounterVec,
+}
+
+// === impl Metrics ===
+
+impl Metrics {
+    /// Creates the metrics and registers them on `registry`.
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let issued = IntCounterVec::new(
+            Opts::new(
+                "palisade_ca_certificates_issued_total",
+                "Certify requests answered, by result (success or failure) and reason.",
+            ),
+            &["result", "reason"],
+        )?;
+        let issue_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "palisade_ca_issue_duration_seconds",
+                "Time to answer a Certify request: authentication, CSR checks and signing.",
+            )
+            .buckets(vec![
+                0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+        )?;
+        let issuer_expiration = Gauge::new(
+            "palisade_ca_issuer_expiration_timestamp_seconds",
+            "When the current issuer certificate expires (Unix time).",
+        )?;
+        let bundle_roots = IntGauge::new(
+            "palisade_ca_trust_bundle_roots",
+            "Roots in the trust bundle the control plane hands out.",
+        )?;
+        let authn_failures = IntCounterVec::new(
+            Opts::new(
+                "palisade_ca_authentication_failures_total",
+                "Certify requests whose token did not authenticate, by authenticator and reason.",
+            ),
+            &["authenticator", "reason"],
+        )?;
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "palisade_ca_reloads_total",
+                "Reloads of watched files, by source (issuer, static_tokens) and result.",
+            ),
+            &["source", "result"],
+        )?;
+        let collectors: [Box<dyn Collector>; 6] = [
+            Box::new(issued.clone()),
+            Box::new(issue_duration.clone()),
+            Box::new(issuer_expiration.clone()),
+            Box::new(bundle_roots.clone()),
+            Box::new(authn_failures.clone()),
+            Box::new(reloads.clone()),
+        ];
+        for c in collectors {
+            registry.register(c)?;
+        }
+        Ok(Self {
+            issued,
+            issue_duration,
+            issuer_expiration,
+            bundle_roots,
+            authn_failures,
+            reloads,
+        })
+    }
+
+    /// Counts a Certify answer and its duration.
+    pub fn issue_finished(&self, reason: Result<(), &'static str>, elapsed: Duration) {
+        match reason {
+            Ok(()) => self.issued.with_label_values(&["success", "ok"]).inc(),
+            Err(reason) => self.issued.with_label_values(&["failure", reason]).inc(),
+        }
+        self.issue_duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a token that did not authenticate.
+    pub fn authn_failed(&self, authenticator: &'static str, reason: &'static str) {
+        self.authn_failures
+            .with_label_values(&[authenticator, reason])
+            .inc();
+    }
+
+    /// Records the issuer now in use.
+    pub fn issuer_loaded(&self, not_after: SystemTime, bundle_roots: usize) {
+        let secs = not_after
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_default();
+        self.issuer_expiration.set(secs);
+        self.bundle_roots
+            .set(i64::try_from(bundle_roots).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a reload of a watched file.
+    pub fn reloaded(&self, source: &'static str, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.reloads.with_label_values(&[source, result]).inc();
+    }
+}
