@@ -6,10 +6,7 @@ use std::path::PathBuf;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
-    let includes = [
-        PathBuf::from("proto"),
-        protoc_bin_vendored::include_path()?,
-    ];
+    let includes = [PathBuf::from("proto"), protoc_bin_vendored::include_path()?];
     tonic_prost_build::configure()
         // The request carries a bearer token: its `Debug` is written by hand in lib.rs.
         .skip_debug(["palisade.identity.v1.CertifyRequest"])

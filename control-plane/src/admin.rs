@@ -50,11 +50,7 @@ pub async fn serve(
 async fn metrics(State(state): State<AdminState>) -> Response {
     let mut body = Vec::new();
     match TextEncoder::new().encode(&state.registry.gather(), &mut body) {
-        Ok(()) => (
-            [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
-            body,
-        )
-            .into_response(),
+        Ok(()) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }

@@ -103,7 +103,10 @@ impl App {
     }
 
     /// Serves until `shutdown`, then drains for at most the configured grace.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let Self {
             config,
             ca,
@@ -122,9 +125,11 @@ impl App {
         };
 
         let serving = Arc::new(
-            ServingCert::new(&ca, config.server_names.clone()).context("issuing the serving certificate")?,
+            ServingCert::new(&ca, config.server_names.clone())
+                .context("issuing the serving certificate")?,
         );
-        let tls = grpc::server_tls(serving.clone()).context("building the gRPC TLS configuration")?;
+        let tls =
+            grpc::server_tls(serving.clone()).context("building the gRPC TLS configuration")?;
         let ready = Arc::new(AtomicBool::new(false));
         let grpc_addr = grpc.local_addr()?;
         let admin_addr = admin.local_addr()?;
@@ -133,13 +138,19 @@ impl App {
         tasks.spawn(serving.maintain(ca.clone(), stopped()));
         tasks.spawn(watch_ca(ca.clone(), metrics.clone(), stopped()));
         if let Authenticator::Static(_) = &*authenticator {
-            tasks.spawn(watch_tokens(authenticator.clone(), metrics.clone(), stopped()));
+            tasks.spawn(watch_tokens(
+                authenticator.clone(),
+                metrics.clone(),
+                stopped(),
+            ));
         }
 
         let admin_state = AdminState {
             registry,
             ready: ready.clone(),
-            config: Arc::new(serde_json::to_value(&config).context("serializing the configuration")?),
+            config: Arc::new(
+                serde_json::to_value(&config).context("serializing the configuration")?,
+            ),
         };
         let admin_server = tokio::spawn(admin::serve(admin, admin_state, stopped()));
 
@@ -226,7 +237,11 @@ async fn watch_ca(ca: Arc<CaStore>, metrics: Metrics, stop: impl Future<Output =
 }
 
 /// Reloads the static token file when it changes; a bad edit keeps the old table.
-async fn watch_tokens(authenticator: Arc<Authenticator>, metrics: Metrics, stop: impl Future<Output = ()>) {
+async fn watch_tokens(
+    authenticator: Arc<Authenticator>,
+    metrics: Metrics,
+    stop: impl Future<Output = ()>,
+) {
     let Authenticator::Static(tokens) = &*authenticator else {
         return;
     };

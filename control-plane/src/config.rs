@@ -85,10 +85,20 @@ pub struct ServeArgs {
     #[arg(long, env = "PALISADE_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: TrustDomain,
     /// DNS names and IPs in the gRPC serving certificate (comma-separated or repeated).
-    #[arg(long = "server-name", env = "PALISADE_SERVER_NAMES", value_delimiter = ',', default_value = "localhost")]
+    #[arg(
+        long = "server-name",
+        env = "PALISADE_SERVER_NAMES",
+        value_delimiter = ',',
+        default_value = "localhost"
+    )]
     pub server_names: Vec<String>,
     /// How callers authenticate.
-    #[arg(long, env = "PALISADE_AUTHENTICATOR", value_enum, default_value = "kubernetes")]
+    #[arg(
+        long,
+        env = "PALISADE_AUTHENTICATOR",
+        value_enum,
+        default_value = "kubernetes"
+    )]
     pub authenticator: AuthenticatorKind,
     /// Token file for the static authenticator; watched for changes.
     #[arg(long, env = "PALISADE_STATIC_TOKENS", value_name = "FILE")]
@@ -189,7 +199,11 @@ impl ServeArgs {
         };
         let fmt = |d: Duration| humantime::format_duration(d).to_string();
         if self.min_lifetime.is_zero() {
-            return Err(err("--min-lifetime", fmt(self.min_lifetime), "must be positive"));
+            return Err(err(
+                "--min-lifetime",
+                fmt(self.min_lifetime),
+                "must be positive",
+            ));
         }
         if self.max_lifetime < self.min_lifetime {
             return Err(err(
@@ -210,10 +224,18 @@ impl ServeArgs {
             ));
         }
         if self.server_names.iter().all(|n| n.trim().is_empty()) {
-            return Err(err("--server-name", String::new(), "at least one name is needed"));
+            return Err(err(
+                "--server-name",
+                String::new(),
+                "at least one name is needed",
+            ));
         }
         if self.max_concurrent_signings == 0 {
-            return Err(err("--max-concurrent-signings", "0".into(), "must be at least 1"));
+            return Err(err(
+                "--max-concurrent-signings",
+                "0".into(),
+                "must be at least 1",
+            ));
         }
         let authenticator = match (self.authenticator, self.static_tokens) {
             (AuthenticatorKind::Static, Some(path)) => AuthenticatorConfig::Static { path },
@@ -301,8 +323,8 @@ mod tests {
 
     #[test]
     fn defaults_follow_the_design() {
-        let config = parse(&["--authenticator", "static", "--static-tokens", "/t.yaml"])
-            .expect("valid");
+        let config =
+            parse(&["--authenticator", "static", "--static-tokens", "/t.yaml"]).expect("valid");
         assert_eq!(config.grpc_addr.port(), 15012);
         assert_eq!(config.admin_addr.port(), 15014);
         assert_eq!(config.trust_domain.as_str(), "cluster.local");

@@ -179,7 +179,9 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let (tx, rx) = mpsc::channel(limits.max_pending_handshakes.max(1));
     let acceptor = TlsAcceptor::from(tls);
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.max_pending_handshakes.max(1)));
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(
+        limits.max_pending_handshakes.max(1),
+    ));
     let accept_loop = tokio::spawn(async move {
         loop {
             let (tcp, peer) = match listener.accept().await {

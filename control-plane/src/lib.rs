@@ -26,4 +26,6 @@ pub mod grpc;
 pub mod metrics;
 pub mod service;
 pub mod telemetry;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod watch;

@@ -1,5 +1,7 @@
 //! Logging: `tracing` to stderr, as text or JSON, filtered by `--log-level`.
 
+use std::io::IsTerminal;
+
 use serde::Serialize;
 use tracing_subscriber::{EnvFilter, fmt};
 
@@ -16,7 +18,10 @@ pub struct LogConfig {
 pub fn init(config: &LogConfig) -> Result<(), String> {
     let filter = EnvFilter::try_new(&config.level)
         .map_err(|e| format!("--log-level {:?}: {e}", config.level))?;
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let result = if config.json {
         builder.json().flatten_event(true).try_init()
     } else {

@@ -34,12 +34,13 @@ impl FileWatch {
     /// Starts watching the directories holding `paths`.
     pub fn new(paths: &[&Path]) -> Result<Self, notify::Error> {
         let (tx, events) = mpsc::channel(1);
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok_and(|e| !e.kind.is_access()) {
-                // A full channel already means "reload pending".
-                let _ = tx.try_send(());
-            }
-        })?;
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if event.is_ok_and(|e| !e.kind.is_access()) {
+                    // A full channel already means "reload pending".
+                    let _ = tx.try_send(());
+                }
+            })?;
         let dirs: BTreeSet<PathBuf> = paths
             .iter()
             .map(|p| {

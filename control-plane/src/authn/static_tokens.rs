@@ -265,7 +265,10 @@ tokens:
             fs::write(&path, bad).expect("write");
             let err = tokens.reload().expect_err(bad).to_string();
             assert!(err.contains(why), "{err:?} should mention {why:?}");
-            assert!(!err.contains("secret-secret-secret"), "{err:?} leaks the token");
+            assert!(
+                !err.contains("secret-secret-secret"),
+                "{err:?} leaks the token"
+            );
             assert!(
                 tokens.authenticate(b"web-token-0123456789").is_ok(),
                 "old table lost after {bad:?}"

@@ -45,15 +45,23 @@ pub enum CsrError {
     Malformed(String),
     #[error("the CSR's signature does not verify: the CSR was not signed by its own key")]
     BadSignature,
-    #[error("the CSR is signed with {0}, which is not accepted (use ECDSA with SHA-256/384, Ed25519, or RSA with SHA-256 or better)")]
+    #[error(
+        "the CSR is signed with {0}, which is not accepted (use ECDSA with SHA-256/384, Ed25519, or RSA with SHA-256 or better)"
+    )]
     UnsupportedSignature(String),
     #[error("the CSR's key is too weak: {0}")]
     WeakKey(String),
-    #[error("the CSR's key type is not supported: {0} (use ECDSA P-256/P-384, Ed25519 or RSA 2048-8192)")]
+    #[error(
+        "the CSR's key type is not supported: {0} (use ECDSA P-256/P-384, Ed25519 or RSA 2048-8192)"
+    )]
     UnsupportedKey(String),
-    #[error("the CSR asks for a CA certificate (basicConstraints cA=true); workloads get leaf certificates only")]
+    #[error(
+        "the CSR asks for a CA certificate (basicConstraints cA=true); workloads get leaf certificates only"
+    )]
     RequestsCa,
-    #[error("the CSR asks for the name {0}, which is not the claimed identity; leave the SAN empty or put exactly the claimed SPIFFE ID")]
+    #[error(
+        "the CSR asks for the name {0}, which is not the claimed identity; leave the SAN empty or put exactly the claimed SPIFFE ID"
+    )]
     ForeignName(String),
     #[error("the CSR's extensions do not parse: {0}")]
     BadExtension(String),
@@ -97,8 +105,7 @@ pub fn check(der: &[u8], identity: &SpiffeId) -> Result<CheckedCsr, CsrError> {
 
     let key_type = check_key(&csr)?;
     check_signature_algorithm(&csr.signature_algorithm.algorithm)?;
-    csr.verify_signature()
-        .map_err(|_| CsrError::BadSignature)?;
+    csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
     check_extensions(&csr, identity)?;
 
     let spki = csr.certification_request_info.subject_pki.raw;
@@ -125,7 +132,9 @@ fn check_key(csr: &X509CertificationRequest<'_>) -> Result<&'static str, CsrErro
         } else if curve == OID_NIST_EC_P384 {
             Ok("ecdsa-p384")
         } else if is_weak_curve(&curve) {
-            Err(CsrError::WeakKey(format!("elliptic curve {curve} is below 256 bits")))
+            Err(CsrError::WeakKey(format!(
+                "elliptic curve {curve} is below 256 bits"
+            )))
         } else {
             Err(CsrError::UnsupportedKey(format!("elliptic curve {curve}")))
         };
@@ -176,7 +185,10 @@ fn check_signature_algorithm(alg: &Oid<'_>) -> Result<(), CsrError> {
     }
 }
 
-fn check_extensions(csr: &X509CertificationRequest<'_>, identity: &SpiffeId) -> Result<(), CsrError> {
+fn check_extensions(
+    csr: &X509CertificationRequest<'_>,
+    identity: &SpiffeId,
+) -> Result<(), CsrError> {
     let Some(extensions) = csr.requested_extensions() else {
         return Ok(());
     };
@@ -222,7 +234,11 @@ fn describe(name: &GeneralName<'_>) -> String {
         GeneralName::IPAddress(b) => ("IP", hex::encode(b)),
         other => ("other", format!("{other:?}")),
     };
-    let mut value: String = value.chars().filter(|c| !c.is_control()).take(128).collect();
+    let mut value: String = value
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(128)
+        .collect();
     if value.len() >= 128 {
         value.push('…');
     }

@@ -260,7 +260,10 @@ impl fmt::Debug for Issuer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Issuer")
             .field("fingerprint", &self.fingerprint)
-            .field("not_after", &humantime::format_rfc3339_seconds(self.not_after))
+            .field(
+                "not_after",
+                &humantime::format_rfc3339_seconds(self.not_after),
+            )
             .field("intermediates", &self.intermediates.len())
             .field("bundle_roots", &self.bundle.len())
             .field("key", &"...")

@@ -12,6 +12,8 @@ pub mod csr;
 pub mod init;
 pub mod issuer;
 pub mod signer;
+#[cfg(test)]
+mod tests;
 
 use std::{
     path::{Path, PathBuf},

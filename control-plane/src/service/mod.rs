@@ -74,7 +74,10 @@ impl IdentityService {
             return Err(Refusal::new(
                 Code::Unauthenticated,
                 "invalid_token",
-                format!("the token is {} bytes; at most {MAX_TOKEN_LEN} are accepted", req.token.len()),
+                format!(
+                    "the token is {} bytes; at most {MAX_TOKEN_LEN} are accepted",
+                    req.token.len()
+                ),
             ));
         }
         let derived = self
@@ -82,7 +85,8 @@ impl IdentityService {
             .authenticate(&req.token)
             .await
             .map_err(|e| {
-                self.metrics.authn_failed(self.authenticator.name(), e.reason());
+                self.metrics
+                    .authn_failed(self.authenticator.name(), e.reason());
                 Refusal::from_authn(e)
             })?;
 
@@ -171,7 +175,12 @@ impl Identity for IdentityService {
     ) -> Result<Response<CertifyResponse>, Status> {
         let start = Instant::now();
         let peer = request.remote_addr();
-        let claimed = request.get_ref().identity.chars().take(256).collect::<String>();
+        let claimed = request
+            .get_ref()
+            .identity
+            .chars()
+            .take(256)
+            .collect::<String>();
         let result = self.certify_inner(request.into_inner()).await;
         let elapsed = start.elapsed();
         match result {
@@ -226,3 +235,6 @@ impl Refusal {
         Status::new(self.code, format!("{}: {}", self.reason, self.message))
     }
 }
+
+#[cfg(test)]
+mod tests;
