@@ -7,7 +7,6 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::SystemTime,
 };
 
 use anyhow::Context;
@@ -219,7 +218,7 @@ async fn watch_ca(ca: Arc<CaStore>, metrics: Metrics, stop: impl Future<Output =
                     issuer = %issuer.fingerprint(),
                     not_after = %humantime::format_rfc3339_seconds(issuer.not_after()),
                     roots = issuer.bundle().len(),
-                    "switched to a new issuer"
+                    "loaded a new issuer or trust bundle"
                 );
             }
             Err(error) => {
@@ -228,7 +227,7 @@ async fn watch_ca(ca: Arc<CaStore>, metrics: Metrics, stop: impl Future<Output =
                 warn!(
                     %error,
                     keeping = %current.fingerprint(),
-                    expires_in = ?current.not_after().duration_since(SystemTime::now()).unwrap_or_default(),
+                    keeping_not_after = %humantime::format_rfc3339_seconds(current.not_after()),
                     "refused the changed CA directory; the current issuer keeps signing"
                 );
             }

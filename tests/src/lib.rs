@@ -1,1 +1,270 @@
-//! tests
+//! Whole-system test support for Palisade: starts the real binaries as child
+//! processes on loopback, talks to them with real clients, and cleans up.
+//!
+//! - [`bin`]: where the built `palisade-*` binaries are.
+//! - [`ControlPlane`]: a `palisade-control-plane serve` process with its own CA
+//!   directory and token file.
+//! - [`identity_client`]: a tonic client that trusts only the mesh's bundle.
+//! - [`http_get`]: a one-shot HTTP/1.1 GET for admin endpoints.
+
+#![forbid(unsafe_code)]
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use palisade_proto::identity::v1::identity_client::IdentityClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+/// Path of a workspace binary, next to the test executable's `deps/` folder.
+/// The test command builds them first (`cargo build --workspace --bins`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test binaries live in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` before the whole-system tests",
+        path.display()
+    );
+    path
+}
+
+/// A running control plane. Dropping it kills the process.
+#[derive(Debug)]
+pub struct ControlPlane {
+    child: Child,
+    /// Where gRPC is served.
+    pub grpc_addr: SocketAddr,
+    /// Where the admin endpoints are served.
+    pub admin_addr: SocketAddr,
+    /// The CA directory (tls.crt, tls.key, ca.crt).
+    pub ca_dir: PathBuf,
+    /// The static token file.
+    pub tokens: PathBuf,
+    log: mpsc::Receiver<String>,
+}
+
+// === impl ControlPlane ===
+
+impl ControlPlane {
+    /// Runs `ca init` in `dir/ca`, writes `tokens` (token, identity) to
+    /// `dir/tokens.yaml`, and starts `serve` with `extra` flags.
+    pub fn start(dir: &Path, tokens: &[(&str, &str)], extra: &[&str]) -> Result<Self> {
+        let ca_dir = dir.join("ca");
+        let status = Command::new(bin("palisade-control-plane"))
+            .args(["ca", "init", "--out"])
+            .arg(&ca_dir)
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("ca init failed: {status}");
+        }
+        let token_file = dir.join("tokens.yaml");
+        write_tokens(&token_file, tokens)?;
+        Self::serve(&ca_dir, &token_file, extra)
+    }
+
+    /// Starts `serve` on an existing CA directory and token file.
+    pub fn serve(ca_dir: &Path, tokens: &Path, extra: &[&str]) -> Result<Self> {
+        let mut child = Command::new(bin("palisade-control-plane"))
+            .arg("serve")
+            .arg("--ca-dir")
+            .arg(ca_dir)
+            .args(["--authenticator", "static", "--static-tokens"])
+            .arg(tokens)
+            .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+            .args(["--log-level", "info"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting palisade-control-plane")?;
+        let stderr = child.stderr.take().context("stderr is piped")?;
+        let (tx, log) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[control-plane] {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut cp = Self {
+            child,
+            grpc_addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            admin_addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            ca_dir: ca_dir.to_owned(),
+            tokens: tokens.to_owned(),
+            log,
+        };
+        let line = cp
+            .wait_for_log("serving grpc=", Duration::from_secs(20))
+            .context("the control plane did not start")?;
+        cp.grpc_addr = field(&line, "grpc=")?;
+        cp.admin_addr = field(&line, "admin=")?;
+        Ok(cp)
+    }
+
+    /// Waits for a log line containing `needle` and returns it.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return Ok(line),
+                Ok(_) => {}
+                Err(_) => {
+                    if let Ok(Some(status)) = self.child.try_wait() {
+                        bail!("the control plane exited ({status}) before logging {needle:?}");
+                    }
+                    bail!("no log line with {needle:?} within {timeout:?}");
+                }
+            }
+        }
+    }
+
+    /// The trust bundle's PEM.
+    pub fn bundle_pem(&self) -> Result<Vec<u8>> {
+        Ok(std::fs::read(self.ca_dir.join("ca.crt"))?)
+    }
+
+    /// An identity client that trusts only the mesh bundle.
+    pub async fn client(&self) -> Result<IdentityClient<Channel>> {
+        identity_client(self.grpc_addr, &self.bundle_pem()?).await
+    }
+
+    /// The text of `/metrics`.
+    pub fn metrics(&self) -> Result<String> {
+        let (status, body) = http_get(self.admin_addr, "/metrics")?;
+        if status != 200 {
+            bail!("/metrics answered {status}");
+        }
+        Ok(body)
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("still running {timeout:?} after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a static token file.
+pub fn write_tokens(path: &Path, tokens: &[(&str, &str)]) -> Result<()> {
+    let mut text = String::from("tokens:\n");
+    for (token, identity) in tokens {
+        text.push_str(&format!("  - token: {token}\n    identity: {identity}\n"));
+    }
+    std::fs::write(path, text)?;
+    Ok(())
+}
+
+fn field(line: &str, key: &str) -> Result<SocketAddr> {
+    let start = line
+        .find(key)
+        .ok_or_else(|| anyhow!("{key} missing from {line:?}"))?
+        + key.len();
+    let value = line[start..].split_whitespace().next().unwrap_or_default();
+    value
+        .parse()
+        .with_context(|| format!("{key}{value} is not an address"))
+}
+
+/// A tonic identity client for `addr`, verifying the server as `localhost`
+/// against `bundle_pem` only.
+pub async fn identity_client(
+    addr: SocketAddr,
+    bundle_pem: &[u8],
+) -> Result<IdentityClient<Channel>> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(bundle_pem))
+        .domain_name("localhost");
+    let channel = Channel::from_shared(format!("https://{addr}"))?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await?;
+    Ok(IdentityClient::new(channel))
+}
+
+/// A one-shot `GET path` over HTTP/1.1 with `Connection: close`; returns the
+/// status code and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("not an HTTP response: {response:?}"))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The value of the sample `name{labels}` in Prometheus text, 0 when absent.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Whether `tool` is on PATH; a test that needs it fails loudly when not.
+pub fn require_tool(tool: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "this test needs `{tool}` on PATH; the test command (scripts/test.sh) installs it"
+    );
+}
