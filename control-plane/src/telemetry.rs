@@ -16,7 +16,9 @@ pub struct LogConfig {
 
 /// Installs the global subscriber.
 pub fn init(config: &LogConfig) -> Result<(), String> {
-    let filter = EnvFilter::try_new(&config.level)
+    // kube's client logs whole response bodies on some errors, and a TokenReview
+    // response echoes the token under review: keep that module to errors only.
+    let filter = EnvFilter::try_new(format!("{},kube_client::client=error", config.level))
         .map_err(|e| format!("--log-level {:?}: {e}", config.level))?;
     let builder = fmt()
         .with_env_filter(filter)

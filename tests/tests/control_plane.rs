@@ -535,3 +535,76 @@ async fn issuer_rotates_under_load_without_a_failed_request() {
         .await
         .expect("issued under B");
 }
+
+/// `palisade-sidecar certify`: a fresh key, a certificate for the claimed
+/// identity, files a TLS Secret would hold, the key readable by its owner only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_certify_writes_verifiable_credentials() {
+    require_tool("openssl");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = ControlPlane::start(dir.path(), &[(WEB_TOKEN, WEB)], &[]).expect("starts");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{WEB_TOKEN}\n")).expect("write token");
+    let out = dir.path().join("certs");
+    let certify = |identity: &str| {
+        Command::new(palisade_tests::bin("palisade-sidecar"))
+            .args([
+                "certify",
+                "--control-plane",
+                &format!("https://{}", cp.grpc_addr),
+            ])
+            .arg("--bundle")
+            .arg(cp.ca_dir.join("ca.crt"))
+            .args(["--identity", identity, "--lifetime", "10m"])
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .expect("runs")
+    };
+    let ok = certify(WEB);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains(WEB));
+
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(out.join("tls.key"))
+        .expect("key")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the key is private");
+    let verify = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(out.join("ca.crt"))
+        .arg(out.join("tls.crt"))
+        .output()
+        .expect("openssl");
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    // The key in tls.key belongs to the certificate in tls.crt.
+    let pubkey = |args: &[&str], file: &str| {
+        Command::new("openssl")
+            .args(args)
+            .arg(out.join(file))
+            .output()
+            .expect("openssl")
+            .stdout
+    };
+    assert_eq!(
+        pubkey(&["x509", "-noout", "-pubkey", "-in"], "tls.crt"),
+        pubkey(&["pkey", "-pubout", "-in"], "tls.key")
+    );
+
+    let refused = certify("spiffe://cluster.local/ns/default/sa/someone-else");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("identity_mismatch"), "{stderr}");
+    assert!(!stderr.contains(WEB_TOKEN), "{stderr}");
+}
