@@ -2,6 +2,8 @@
 
 #![forbid(unsafe_code)]
 
+use std::process::ExitCode;
+
 use anyhow::Context;
 use clap::Parser;
 use palisade_control_plane::{
@@ -11,8 +13,18 @@ use palisade_control_plane::{
     telemetry,
 };
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // `{:#}` prints the chain of causes on one line, without a backtrace.
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Ca(CaCommand::Init(args)) => {
             init::write_root(&args.out, &args.trust_domain, args.validity, args.force)?;

@@ -40,10 +40,10 @@ pub struct StaticTokens {
 /// Why a token file was not loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum StaticTokensError {
-    #[error("cannot read the token file {path}: {source}")]
+    #[error("cannot read the token file {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("the token file {path} is not valid: {reason}")]
     Invalid { path: PathBuf, reason: String },
@@ -129,9 +129,9 @@ impl fmt::Debug for StaticTokens {
 
 impl Table {
     fn read(path: &Path, trust_domain: &TrustDomain) -> Result<Self, StaticTokensError> {
-        let text = fs::read_to_string(path).map_err(|source| StaticTokensError::Read {
+        let text = fs::read_to_string(path).map_err(|error| StaticTokensError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         Self::parse(&text, trust_domain).map_err(|reason| StaticTokensError::Invalid {
             path: path.to_owned(),

@@ -21,10 +21,10 @@ use super::issuer::{BUNDLE_FILE, CERT_FILE, KEY_FILE};
 pub enum InitError {
     #[error("{0} already holds a CA; pass --force to replace it")]
     Exists(String),
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}: {error}")]
     Write {
         path: String,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("cannot generate the root: {0}")]
     Generate(#[from] rcgen::Error),
@@ -40,7 +40,7 @@ pub fn write_root(
 ) -> Result<String, InitError> {
     let write_err = |path: &Path| {
         let path = path.display().to_string();
-        move |source| InitError::Write { path, source }
+        move |error| InitError::Write { path, error }
     };
     fs::create_dir_all(dir).map_err(write_err(dir))?;
     if !force && dir.join(KEY_FILE).exists() {

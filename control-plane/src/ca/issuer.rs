@@ -52,10 +52,10 @@ pub struct CaFiles {
 /// Why a CA directory cannot be used to sign.
 #[derive(Debug, thiserror::Error)]
 pub enum IssuerError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{file} holds no PEM certificate")]
     NoCertificate { file: &'static str },
@@ -90,7 +90,7 @@ impl CaFiles {
     pub fn read(dir: &Path) -> Result<Self, IssuerError> {
         let read = |name: &str| {
             let path = dir.join(name);
-            fs::read(&path).map_err(|source| IssuerError::Read { path, source })
+            fs::read(&path).map_err(|error| IssuerError::Read { path, error })
         };
         Ok(Self {
             cert_pem: read(CERT_FILE)?,

@@ -297,7 +297,8 @@ fn broken_issuers_are_refused_with_a_clear_reason() {
         )
     };
 
-    let cases: Vec<(&str, CaFiles, fn(&IssuerError) -> bool)> = vec![
+    type Expected = fn(&IssuerError) -> bool;
+    let cases: Vec<(&str, CaFiles, Expected)> = vec![
         ("key of another CA", key_mismatch, |e| {
             matches!(e, IssuerError::KeyMismatch)
         }),

@@ -58,20 +58,20 @@ pub struct Credentials {
 /// Why a certificate could not be obtained.
 #[derive(Debug, thiserror::Error)]
 pub enum CertifyError {
-    #[error("cannot read the trust bundle {path}: {source}")]
+    #[error("cannot read the trust bundle {path}: {error}")]
     Bundle {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("cannot read the token file {path}: {source}")]
+    #[error("cannot read the token file {path}: {error}")]
     Token {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("cannot reach the control plane at {addr}: {source}")]
+    #[error("cannot reach the control plane at {addr}: {error}")]
     Connect {
         addr: String,
-        source: tonic::transport::Error,
+        error: tonic::transport::Error,
     },
     #[error("the control plane at {addr} refused the request ({code:?}): {message}")]
     Refused {
@@ -102,13 +102,13 @@ impl IdentityClient {
     /// Generates a fresh key and has the control plane certify it.
     pub async fn certify(&self) -> Result<Credentials, CertifyError> {
         let c = &self.config;
-        let bundle = std::fs::read(&c.bundle_file).map_err(|source| CertifyError::Bundle {
+        let bundle = std::fs::read(&c.bundle_file).map_err(|error| CertifyError::Bundle {
             path: c.bundle_file.clone(),
-            source,
+            error,
         })?;
-        let token = std::fs::read(&c.token_file).map_err(|source| CertifyError::Token {
+        let token = std::fs::read(&c.token_file).map_err(|error| CertifyError::Token {
             path: c.token_file.clone(),
-            source,
+            error,
         })?;
         let token = trim_ascii_whitespace(&token).to_vec();
 
@@ -164,9 +164,9 @@ impl IdentityClient {
 
     async fn connect(&self, bundle_pem: &[u8]) -> Result<Channel, CertifyError> {
         let c = &self.config;
-        let connect_err = |source| CertifyError::Connect {
+        let connect_err = |error| CertifyError::Connect {
             addr: c.control_plane.clone(),
-            source,
+            error,
         };
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(bundle_pem))

@@ -47,12 +47,12 @@ pub struct KubernetesAuthenticator {
 #[derive(Debug, thiserror::Error)]
 pub enum KubernetesError {
     #[error("cannot load a Kubernetes client configuration (in-cluster or KUBECONFIG): {0}")]
-    Config(#[source] kube::config::InferConfigError),
+    Config(kube::config::InferConfigError),
     #[error(
         "cannot build a Kubernetes client from the loaded configuration \
          (check the API server URL, CA certificate and credentials): {0}"
     )]
-    Client(#[source] kube::Error),
+    Client(kube::Error),
 }
 
 /// What a [`KubernetesAuthenticator`] holds, behind one pointer.
