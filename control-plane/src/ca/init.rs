@@ -22,10 +22,7 @@ pub enum InitError {
     #[error("{0} already holds a CA; pass --force to replace it")]
     Exists(String),
     #[error("cannot write {path}: {error}")]
-    Write {
-        path: String,
-        error: std::io::Error,
-    },
+    Write { path: String, error: std::io::Error },
     #[error("cannot generate the root: {0}")]
     Generate(#[from] rcgen::Error),
 }

@@ -30,10 +30,6 @@ struct Harness {
 
 fn harness() -> Harness {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ca_dir = dir.path().join("ca");
-    std::fs::create_dir(&ca_dir).expect("mkdir");
-    let root = TestCa::fresh_root("root");
-    root.write(&ca_dir, &[], &[&root]);
     let tokens = dir.path().join("tokens.yaml");
     std::fs::write(
         &tokens,
@@ -44,13 +40,22 @@ fn harness() -> Harness {
     )
     .expect("write tokens");
     let td = TrustDomain::parse("cluster.local").expect("valid");
+    let authenticator =
+        Authenticator::Static(StaticTokens::load(&tokens, td).expect("tokens load"));
+    harness_with(dir, authenticator)
+}
+
+fn harness_with(dir: tempfile::TempDir, authenticator: Authenticator) -> Harness {
+    let ca_dir = dir.path().join("ca");
+    std::fs::create_dir(&ca_dir).expect("mkdir");
+    let root = TestCa::fresh_root("root");
+    root.write(&ca_dir, &[], &[&root]);
+    let td = TrustDomain::parse("cluster.local").expect("valid");
     let registry = Registry::new();
     let metrics = Metrics::register(&registry).expect("register");
     let service = IdentityService::new(
         Arc::new(CaStore::load(&ca_dir).expect("CA loads")),
-        Arc::new(Authenticator::Static(
-            StaticTokens::load(&tokens, td.clone()).expect("tokens load"),
-        )),
+        Arc::new(authenticator),
         td,
         LifetimePolicy::default(),
         4,
@@ -322,4 +327,93 @@ async fn long_lifetimes_are_clamped_not_refused() {
 
 fn prost_types_duration(seconds: i64) -> prost_types::Duration {
     prost_types::Duration { seconds, nanos: 0 }
+}
+
+#[tokio::test]
+async fn kubernetes_tokens_map_to_codes_and_reasons() {
+    use crate::authn::kubernetes::tests::{ApiServer, Behaviour, install_crypto_provider, token};
+    install_crypto_provider();
+    let api = ApiServer::start(Behaviour::Review).await;
+    let h = harness_with(
+        tempfile::tempdir().expect("tempdir"),
+        Authenticator::Kubernetes(api.authenticator()),
+    );
+    const API: &str = "spiffe://cluster.local/ns/prod/sa/api";
+
+    let ok = h
+        .service
+        .certify(Request::new(request(
+            API,
+            token("good-token").as_bytes(),
+            csr(vec![], IsCa::NoCa),
+        )))
+        .await;
+    assert!(ok.is_ok(), "{ok:?}");
+
+    for (kind, claim, code, reason) in [
+        ("wrong-aud", API, Code::Unauthenticated, "wrong_audience"),
+        ("other-aud-ok", API, Code::Unauthenticated, "wrong_audience"),
+        ("expired", API, Code::Unauthenticated, "expired_token"),
+        ("unknown", API, Code::Unauthenticated, "invalid_token"),
+        ("user-token", API, Code::PermissionDenied, "bad_identity"),
+        (
+            "good-token",
+            WEB,
+            Code::PermissionDenied,
+            "identity_mismatch",
+        ),
+    ] {
+        let status = h
+            .service
+            .certify(Request::new(request(
+                claim,
+                token(kind).as_bytes(),
+                csr(vec![], IsCa::NoCa),
+            )))
+            .await
+            .expect_err(kind);
+        assert_eq!(status.code(), code, "{kind}: {status:?}");
+        assert!(
+            status.message().starts_with(reason),
+            "{kind}: {:?}",
+            status.message()
+        );
+        assert!(
+            !status.message().contains(&token(kind)),
+            "{kind}: token leaked"
+        );
+    }
+    assert_eq!(
+        counter(
+            &h.registry,
+            "palisade_ca_authentication_failures_total",
+            &[
+                ("authenticator", "kubernetes"),
+                ("reason", "wrong_audience")
+            ]
+        ),
+        2.0
+    );
+
+    // The API server failing: UNAVAILABLE, so the sidecar retries.
+    let failing = ApiServer::start(Behaviour::Fail(http::StatusCode::INTERNAL_SERVER_ERROR)).await;
+    let h = harness_with(
+        tempfile::tempdir().expect("tempdir"),
+        Authenticator::Kubernetes(failing.authenticator()),
+    );
+    let status = h
+        .service
+        .certify(Request::new(request(
+            API,
+            token("good-token").as_bytes(),
+            csr(vec![], IsCa::NoCa),
+        )))
+        .await
+        .expect_err("API server failing");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().starts_with("authority_unavailable"),
+        "{:?}",
+        status.message()
+    );
 }

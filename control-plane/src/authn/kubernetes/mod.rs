@@ -284,4 +284,4 @@ fn redact(text: &str, token: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

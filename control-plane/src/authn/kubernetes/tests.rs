@@ -25,18 +25,18 @@ const CONTROL_PLANE_TOKEN: &str = "control-plane-sa-token";
 /// A workload token: the test server picks its answer by the part before the
 /// first `.` (as in a JWT); the random-looking rest makes "the token never
 /// shows up in an error" a meaningful check.
-fn token(kind: &str) -> String {
+pub(crate) fn token(kind: &str) -> String {
     format!("{kind}.eyJzdWIiOiJzZWNyZXQtcGF5bG9hZCJ9.c2lnbmF0dXJlLXNlY3JldA")
 }
 
-fn install_crypto_provider() {
+pub(crate) fn install_crypto_provider() {
     // Another test may have installed it already: either way aws-lc-rs is in place.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
 /// How the test API server behaves.
 #[derive(Clone, Copy)]
-enum Behaviour {
+pub(crate) enum Behaviour {
     /// Answers TokenReviews by the token's kind.
     Review,
     /// Answers every request with this status and a `metav1.Status` body.
@@ -54,7 +54,7 @@ struct Seen {
 }
 
 /// A loopback HTTPS server playing the Kubernetes API server.
-struct ApiServer {
+pub(crate) struct ApiServer {
     url: http::Uri,
     ca_der: Vec<u8>,
     seen: Arc<Mutex<Seen>>,
@@ -87,7 +87,7 @@ fn private_key_der(key: &KeyPair) -> rustls::pki_types::PrivateKeyDer<'static> {
 // === impl ApiServer ===
 
 impl ApiServer {
-    async fn start(behaviour: Behaviour) -> Self {
+    pub(crate) async fn start(behaviour: Behaviour) -> Self {
         let (ca_der, tls) = server_tls();
         let acceptor = TlsAcceptor::from(Arc::new(tls));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -120,7 +120,7 @@ impl ApiServer {
         }
     }
 
-    fn authenticator(&self) -> KubernetesAuthenticator {
+    pub(crate) fn authenticator(&self) -> KubernetesAuthenticator {
         authenticator(
             self.url.clone(),
             self.ca_der.clone(),
