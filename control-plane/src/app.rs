@@ -22,7 +22,7 @@ use crate::{
     grpc::{self, ServerLimits, ServingCert},
     metrics::Metrics,
     service::IdentityService,
-    watch::FileWatch,
+    watch::reload_on_change,
 };
 
 /// A control plane whose listeners are bound, ready to run.
@@ -195,44 +195,31 @@ impl App {
 /// Reloads the CA directory when it changes; a broken replacement is refused,
 /// logged and counted, and the old issuer keeps signing.
 async fn watch_ca(ca: Arc<CaStore>, metrics: Metrics, stop: impl Future<Output = ()>) {
-    let mut watch = match FileWatch::new(&[ca.dir()]) {
-        Ok(w) => w,
+    reload_on_change(ca.dir(), stop, || match ca.reload() {
+        Ok(Reload::Unchanged) => {}
+        Ok(Reload::Replaced) => {
+            let issuer = ca.issuer();
+            metrics.reloaded("issuer", true);
+            metrics.issuer_loaded(issuer.not_after(), issuer.bundle().len());
+            info!(
+                issuer = %issuer.fingerprint(),
+                not_after = %humantime::format_rfc3339_seconds(issuer.not_after()),
+                roots = issuer.bundle().len(),
+                "loaded a new issuer or trust bundle"
+            );
+        }
         Err(error) => {
-            error!(%error, dir = %ca.dir().display(), "cannot watch the CA directory; issuer changes need a restart");
-            return;
+            metrics.reloaded("issuer", false);
+            let current = ca.issuer();
+            warn!(
+                %error,
+                keeping = %current.fingerprint(),
+                keeping_not_after = %humantime::format_rfc3339_seconds(current.not_after()),
+                "refused the changed CA directory; the current issuer keeps signing"
+            );
         }
-    };
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            () = &mut stop => return,
-            () = watch.changed() => {}
-        }
-        match ca.reload() {
-            Ok(Reload::Unchanged) => {}
-            Ok(Reload::Replaced) => {
-                let issuer = ca.issuer();
-                metrics.reloaded("issuer", true);
-                metrics.issuer_loaded(issuer.not_after(), issuer.bundle().len());
-                info!(
-                    issuer = %issuer.fingerprint(),
-                    not_after = %humantime::format_rfc3339_seconds(issuer.not_after()),
-                    roots = issuer.bundle().len(),
-                    "loaded a new issuer or trust bundle"
-                );
-            }
-            Err(error) => {
-                metrics.reloaded("issuer", false);
-                let current = ca.issuer();
-                warn!(
-                    %error,
-                    keeping = %current.fingerprint(),
-                    keeping_not_after = %humantime::format_rfc3339_seconds(current.not_after()),
-                    "refused the changed CA directory; the current issuer keeps signing"
-                );
-            }
-        }
-    }
+    })
+    .await;
 }
 
 /// Reloads the static token file when it changes; a bad edit keeps the old table.
@@ -244,28 +231,16 @@ async fn watch_tokens(
     let Authenticator::Static(tokens) = &*authenticator else {
         return;
     };
-    let mut watch = match FileWatch::new(&[tokens.path()]) {
-        Ok(w) => w,
+    reload_on_change(tokens.path(), stop, || match tokens.reload() {
+        Ok(None) => {}
+        Ok(Some(n)) => {
+            metrics.reloaded("static_tokens", true);
+            info!(tokens = n, file = %tokens.path().display(), "reloaded the static token file");
+        }
         Err(error) => {
-            error!(%error, file = %tokens.path().display(), "cannot watch the token file; edits need a restart");
-            return;
+            metrics.reloaded("static_tokens", false);
+            warn!(%error, "refused the changed token file; the previous tokens stay in use");
         }
-    };
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            () = &mut stop => return,
-            () = watch.changed() => {}
-        }
-        match tokens.reload() {
-            Ok(n) => {
-                metrics.reloaded("static_tokens", true);
-                info!(tokens = n, file = %tokens.path().display(), "reloaded the static token file");
-            }
-            Err(error) => {
-                metrics.reloaded("static_tokens", false);
-                warn!(%error, "refused the changed token file; the previous tokens stay in use");
-            }
-        }
-    }
+    })
+    .await;
 }

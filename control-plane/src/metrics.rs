@@ -71,6 +71,8 @@ impl Metrics {
         for c in collectors {
             registry.register(c)?;
         }
+        // Present from the start, so rate() and absence alerts work before the first request.
+        issued.with_label_values(&["success", "ok"]);
         Ok(Self {
             issued,
             issue_duration,

@@ -9,12 +9,14 @@
 
 use std::{
     collections::BTreeSet,
+    future::Future,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
+use tracing::error;
 
 /// How long events are coalesced before the reload runs.
 pub const DEBOUNCE: Duration = Duration::from_millis(250);
@@ -76,6 +78,30 @@ impl FileWatch {
                 Some(()) = self.events.recv() => {}
                 () = tokio::time::sleep(DEBOUNCE) => return,
             }
+        }
+    }
+}
+
+/// Calls `reload` each time `path` (a file, or a directory's files) may have
+/// changed, until `stop`. A watch that cannot start is logged, not fatal:
+/// the current configuration stays in use.
+pub async fn reload_on_change(
+    path: &Path,
+    stop: impl Future<Output = ()>,
+    mut reload: impl FnMut(),
+) {
+    let mut watch = match FileWatch::new(&[path]) {
+        Ok(w) => w,
+        Err(error) => {
+            error!(%error, path = %path.display(), "cannot watch for changes; edits take effect only after a restart");
+            return;
+        }
+    };
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => return,
+            () = watch.changed() => reload(),
         }
     }
 }

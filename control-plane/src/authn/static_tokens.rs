@@ -49,9 +49,10 @@ pub enum StaticTokensError {
     Invalid { path: PathBuf, reason: String },
 }
 
-#[derive(Default)]
 struct Table {
     by_digest: HashMap<[u8; 32], Entry>,
+    /// SHA-256 of the whole file, to skip reloads of an unchanged file.
+    file_digest: [u8; 32],
 }
 
 #[derive(Clone)]
@@ -88,12 +89,16 @@ impl StaticTokens {
         })
     }
 
-    /// Re-reads the file. On error the current table stays in use.
-    pub fn reload(&self) -> Result<usize, StaticTokensError> {
+    /// Re-reads the file: the number of tokens when it changed, `None` when its
+    /// contents are as before. On error the current table stays in use.
+    pub fn reload(&self) -> Result<Option<usize>, StaticTokensError> {
         let table = Table::read(&self.path, &self.trust_domain)?;
+        if table.file_digest == self.table.load().file_digest {
+            return Ok(None);
+        }
         let n = table.by_digest.len();
         self.table.store(Arc::new(table));
-        Ok(n)
+        Ok(Some(n))
     }
 
     /// The watched file.
@@ -179,7 +184,10 @@ impl Table {
                 return Err(format!("entry {n}: the same token appears twice"));
             }
         }
-        Ok(Self { by_digest })
+        Ok(Self {
+            by_digest,
+            file_digest: Sha256::digest(text.as_bytes()).into(),
+        })
     }
 }
 
@@ -280,7 +288,8 @@ tokens:
             "tokens:\n  - token: new-token-0123456789\n    identity: spiffe://cluster.local/ns/a/sa/new\n",
         )
         .expect("write");
-        assert_eq!(tokens.reload().expect("valid"), 1);
+        assert_eq!(tokens.reload().expect("valid"), Some(1));
+        assert_eq!(tokens.reload().expect("unchanged"), None);
         assert!(tokens.authenticate(b"web-token-0123456789").is_err());
         assert!(tokens.authenticate(b"new-token-0123456789").is_ok());
     }
