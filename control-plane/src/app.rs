@@ -14,15 +14,18 @@ use prometheus::Registry;
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use tracing::{error, info, warn};
 
-use crate::{
+use palisade_runtime::{
     admin::{self, AdminState},
+    watch::reload_on_change,
+};
+
+use crate::{
     authn::{Authenticator, KubernetesAuthenticator, StaticTokens},
     ca::{CaStore, Reload},
     config::{AuthenticatorConfig, ServeConfig},
     grpc::{self, ServerLimits, ServingCert},
     metrics::Metrics,
     service::IdentityService,
-    watch::reload_on_change,
 };
 
 /// A control plane whose listeners are bound, ready to run.
@@ -146,7 +149,7 @@ impl App {
 
         let admin_state = AdminState {
             registry,
-            ready: ready.clone(),
+            ready: admin::flag(&ready),
             config: Arc::new(
                 serde_json::to_value(&config).context("serializing the configuration")?,
             ),

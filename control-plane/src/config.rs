@@ -7,7 +7,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use palisade_proto::TrustDomain;
 use serde::Serialize;
 
-use crate::{authn::kubernetes::KubernetesConfig, ca::LifetimePolicy, telemetry::LogConfig};
+use palisade_runtime::telemetry::LogConfig;
+
+use crate::{authn::kubernetes::KubernetesConfig, ca::LifetimePolicy};
 
 /// The mesh certificate authority: issues short-lived SPIFFE certificates to
 /// sidecars over gRPC.

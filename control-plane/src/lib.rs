@@ -10,14 +10,10 @@
 //! - [`authn`]: the `static` and `kubernetes` token authenticators.
 //! - [`service`]: the `Identity` gRPC service.
 //! - [`grpc`]: the TLS gRPC server and its self-issued serving certificate.
-//! - [`admin`]: `/metrics`, `/ready`, `/live`, `/config`.
 //! - [`metrics`]: the Prometheus metrics.
-//! - [`watch`]: file change notification for hot reloads.
-//! - [`telemetry`]: logging setup.
 
 #![forbid(unsafe_code)]
 
-pub mod admin;
 pub mod app;
 pub mod authn;
 pub mod ca;
@@ -25,7 +21,5 @@ pub mod config;
 pub mod grpc;
 pub mod metrics;
 pub mod service;
-pub mod telemetry;
 #[cfg(test)]
 pub(crate) mod testing;
-pub mod watch;

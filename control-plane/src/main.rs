@@ -10,8 +10,8 @@ use palisade_control_plane::{
     app::App,
     ca::init,
     config::{CaCommand, Cli, Command},
-    telemetry,
 };
+use palisade_runtime::telemetry;
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
@@ -37,7 +37,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Serve(args) => {
             let config = args.into_config()?;
-            telemetry::init(&config.log).map_err(anyhow::Error::msg)?;
+            // kube's client logs whole response bodies on some errors, and a
+            // TokenReview response echoes the token under review.
+            telemetry::init(&config.log, &["kube_client::client=error"])
+                .map_err(anyhow::Error::msg)?;
             rustls::crypto::aws_lc_rs::default_provider()
                 .install_default()
                 .map_err(|_| anyhow::anyhow!("a rustls crypto provider was already installed"))?;

@@ -1,17 +1,39 @@
 //! Command line and environment: the only place that reads either. Every flag
-//! has a `PALISADE_*` variable.
+//! has a `PALISADE_*` variable; a bad value names the flag, the value and why.
 
-use std::{path::PathBuf, time::Duration};
+use std::{collections::HashSet, net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
-use palisade_proto::SpiffeId;
+use clap::{ArgAction, Args, Parser, Subcommand};
+use ipnet::IpNet;
+use palisade_proto::{SpiffeId, TrustDomain};
+use palisade_runtime::telemetry::LogConfig;
+use serde::Serialize;
 
-use crate::identity::IdentityClientConfig;
+use crate::{
+    capture::CaptureConfig,
+    identity::IdentityClientConfig,
+    proxy::{
+        Limits,
+        inbound::{InboundTarget, Mode},
+        outbound::OutboundTarget,
+    },
+};
 
 /// Palisade's sidecar: transparent mutual TLS between pods.
 #[derive(Debug, Parser)]
 #[command(name = "palisade-sidecar", version, about)]
 pub struct Cli {
+    /// Log filter (`info`, `debug`, `palisade_sidecar=debug,info`, ...).
+    #[arg(
+        long,
+        global = true,
+        env = "PALISADE_LOG_LEVEL",
+        default_value = "info"
+    )]
+    pub log_level: String,
+    /// Log as JSON lines.
+    #[arg(long, global = true, env = "PALISADE_LOG_JSON")]
+    pub log_json: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -19,9 +41,174 @@ pub struct Cli {
 /// What to run.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the proxy: capture listeners (15001/15006), explicit listeners, admin (15020).
+    Run(Box<RunArgs>),
+    /// Install (or with --remove, remove) the iptables capture rules in this network namespace.
+    Init(InitArgs),
     /// Obtain one certificate from the control plane and write it, its key and
     /// the trust bundle to a directory (tls.crt, tls.key [0600], ca.crt).
     Certify(CertifyArgs),
+}
+
+/// Flags of `run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The mesh's SPIFFE trust domain.
+    #[arg(long, env = "PALISADE_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: TrustDomain,
+    /// Directory with tls.crt, tls.key and ca.crt (file mode); watched for changes.
+    #[arg(long, env = "PALISADE_CERT_DIR", value_name = "DIR")]
+    pub cert_dir: PathBuf,
+    /// Run the iptables-captured listeners (outbound 15001, inbound 15006).
+    #[arg(long, env = "PALISADE_TRANSPARENT", default_value_t = true, action = ArgAction::Set)]
+    pub transparent: bool,
+    /// Addresses of the captured outbound listener (comma-separated).
+    #[arg(
+        long,
+        env = "PALISADE_OUTBOUND_ADDR",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:15001"
+    )]
+    pub outbound_addr: Vec<SocketAddr>,
+    /// Addresses of the captured inbound listener (comma-separated).
+    #[arg(
+        long,
+        env = "PALISADE_INBOUND_ADDR",
+        value_delimiter = ',',
+        default_value = "0.0.0.0:15006"
+    )]
+    pub inbound_addr: Vec<SocketAddr>,
+    /// Inbound traffic that is not mesh TLS: passed to the app (permissive) or refused (strict).
+    #[arg(
+        long,
+        env = "PALISADE_INBOUND_MODE",
+        value_enum,
+        default_value = "permissive"
+    )]
+    pub inbound_mode: Mode,
+    /// Destinations in these networks are mesh peers; others pass through untouched.
+    #[arg(
+        long,
+        env = "PALISADE_MESH_NETWORKS",
+        value_delimiter = ',',
+        default_value = "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fd00::/8"
+    )]
+    pub mesh_networks: Vec<IpNet>,
+    /// Outbound destination ports never wrapped in mesh TLS (comma-separated).
+    #[arg(long, env = "PALISADE_EXCLUDE_OUTBOUND_PORTS", value_delimiter = ',')]
+    pub exclude_outbound_ports: Vec<u16>,
+    /// Inbound ports whose protocol speaks first from the server (no detection).
+    #[arg(long, env = "PALISADE_SERVER_FIRST_PORTS", value_delimiter = ',')]
+    pub server_first_ports: Vec<u16>,
+    /// An explicit outbound listener: LISTEN=UPSTREAM,SPIFFE_ID (repeatable).
+    #[arg(long = "explicit-outbound", env = "PALISADE_EXPLICIT_OUTBOUND", value_delimiter = ';', value_parser = parse_explicit_outbound)]
+    pub explicit_outbound: Vec<ExplicitOutbound>,
+    /// An explicit inbound listener: LISTEN=LOCAL_APP (repeatable); mesh TLS only.
+    #[arg(long = "explicit-inbound", env = "PALISADE_EXPLICIT_INBOUND", value_delimiter = ';', value_parser = parse_explicit_inbound)]
+    pub explicit_inbound: Vec<ExplicitInbound>,
+    /// Authorization policy file (YAML); watched. Without it every peer is allowed.
+    #[arg(long, env = "PALISADE_POLICY", value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// Address of the admin server (/metrics, /ready, /live, /config).
+    #[arg(long, env = "PALISADE_ADMIN_ADDR", default_value = "0.0.0.0:15020")]
+    pub admin_addr: SocketAddr,
+    /// A TLS handshake is abandoned after this long.
+    #[arg(long, env = "PALISADE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+    /// An inbound client that sends nothing is dropped after this long.
+    #[arg(long, env = "PALISADE_DETECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub detect_timeout: Duration,
+    /// Connecting to the app or a peer gives up after this long.
+    #[arg(long, env = "PALISADE_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+    /// Close connections idle this long (0 = never).
+    #[arg(long, env = "PALISADE_IDLE_TIMEOUT", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+    /// At most this many connections are proxied at once; more wait in the backlog.
+    #[arg(long, env = "PALISADE_MAX_CONNECTIONS", default_value_t = 16384)]
+    pub max_connections: usize,
+    /// On SIGTERM, open connections get this long to finish.
+    #[arg(long, env = "PALISADE_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+/// `LISTEN=UPSTREAM,SPIFFE_ID`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ExplicitOutbound {
+    pub listen: SocketAddr,
+    pub upstream: String,
+    pub identity: SpiffeId,
+}
+
+/// `LISTEN=LOCAL_APP`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ExplicitInbound {
+    pub listen: SocketAddr,
+    pub app: SocketAddr,
+}
+
+fn parse_explicit_outbound(s: &str) -> Result<ExplicitOutbound, String> {
+    let (listen, rest) = s
+        .split_once('=')
+        .ok_or("expected LISTEN=UPSTREAM,SPIFFE_ID, e.g. 127.0.0.1:7001=10.0.0.7:15006,spiffe://cluster.local/ns/prod/sa/api")?;
+    let (upstream, identity) = rest
+        .split_once(',')
+        .ok_or("expected LISTEN=UPSTREAM,SPIFFE_ID: the SPIFFE ID after the comma is missing")?;
+    if !upstream.contains(':') {
+        return Err(format!("upstream {upstream:?} needs a port (HOST:PORT)"));
+    }
+    Ok(ExplicitOutbound {
+        listen: listen
+            .parse()
+            .map_err(|e| format!("listen address {listen:?}: {e}"))?,
+        upstream: upstream.to_owned(),
+        identity: identity
+            .parse()
+            .map_err(|e| format!("identity {identity:?}: {e}"))?,
+    })
+}
+
+fn parse_explicit_inbound(s: &str) -> Result<ExplicitInbound, String> {
+    let (listen, app) = s
+        .split_once('=')
+        .ok_or("expected LISTEN=LOCAL_APP, e.g. 0.0.0.0:7002=127.0.0.1:8080")?;
+    Ok(ExplicitInbound {
+        listen: listen
+            .parse()
+            .map_err(|e| format!("listen address {listen:?}: {e}"))?,
+        app: app
+            .parse()
+            .map_err(|e| format!("app address {app:?}: {e}"))?,
+    })
+}
+
+/// Flags of `init`.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Remove the rules instead of installing them.
+    #[arg(long)]
+    pub remove: bool,
+    /// Print the rules instead of applying them.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Port of the captured outbound listener.
+    #[arg(long, env = "PALISADE_OUTBOUND_PORT", default_value_t = 15001)]
+    pub outbound_port: u16,
+    /// Port of the captured inbound listener.
+    #[arg(long, env = "PALISADE_INBOUND_PORT", default_value_t = 15006)]
+    pub inbound_port: u16,
+    /// The uid the sidecar runs as; its own traffic is never captured.
+    #[arg(long, env = "PALISADE_PROXY_UID", default_value_t = 1337)]
+    pub proxy_uid: u32,
+    /// Outbound destination ports left alone (comma-separated).
+    #[arg(long, env = "PALISADE_EXCLUDE_OUTBOUND_PORTS", value_delimiter = ',')]
+    pub exclude_outbound_ports: Vec<u16>,
+    /// Inbound ports left alone (comma-separated).
+    #[arg(long, env = "PALISADE_EXCLUDE_INBOUND_PORTS", value_delimiter = ',')]
+    pub exclude_inbound_ports: Vec<u16>,
+    /// Also install the rules with ip6tables.
+    #[arg(long, env = "PALISADE_IPV6", default_value_t = true, action = ArgAction::Set)]
+    pub ipv6: bool,
 }
 
 /// Flags of `certify`.
@@ -57,6 +244,141 @@ pub struct CertifyArgs {
     pub out: PathBuf,
 }
 
+/// The validated configuration of `run`.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunConfig {
+    pub trust_domain: TrustDomain,
+    pub cert_dir: PathBuf,
+    /// (address, target) of every inbound listener.
+    pub inbound: Vec<(SocketAddr, InboundTarget)>,
+    /// (address, target) of every outbound listener.
+    pub outbound: Vec<(SocketAddr, OutboundTarget)>,
+    pub policy: Option<PathBuf>,
+    pub admin_addr: SocketAddr,
+    pub limits: Limits,
+    pub max_connections: usize,
+    #[serde(with = "duration_text")]
+    pub drain_timeout: Duration,
+}
+
+/// A flag combination that cannot work.
+#[derive(Debug, thiserror::Error)]
+#[error("{flag} {value}: {why}")]
+pub struct ConfigError {
+    flag: &'static str,
+    value: String,
+    why: &'static str,
+}
+
+// === impl Cli ===
+
+impl Cli {
+    /// The logging settings.
+    pub fn log_config(&self) -> LogConfig {
+        LogConfig {
+            level: self.log_level.clone(),
+            json: self.log_json,
+        }
+    }
+}
+
+// === impl RunArgs ===
+
+impl RunArgs {
+    /// Checks what clap cannot check alone.
+    pub fn into_config(self) -> Result<RunConfig, ConfigError> {
+        let mut inbound = Vec::new();
+        let mut outbound = Vec::new();
+        if self.transparent {
+            let server_first_ports: HashSet<u16> =
+                self.server_first_ports.iter().copied().collect();
+            for addr in &self.inbound_addr {
+                inbound.push((
+                    *addr,
+                    InboundTarget::Transparent {
+                        mode: self.inbound_mode,
+                        server_first_ports: server_first_ports.clone(),
+                    },
+                ));
+            }
+            for addr in &self.outbound_addr {
+                outbound.push((
+                    *addr,
+                    OutboundTarget::Transparent {
+                        mesh_networks: self.mesh_networks.clone(),
+                        exclude_ports: self.exclude_outbound_ports.iter().copied().collect(),
+                    },
+                ));
+            }
+        }
+        for e in self.explicit_inbound {
+            inbound.push((e.listen, InboundTarget::Explicit { app: e.app }));
+        }
+        for e in self.explicit_outbound {
+            if !e.identity.is_member_of(&self.trust_domain) {
+                return Err(ConfigError {
+                    flag: "--explicit-outbound",
+                    value: e.identity.to_string(),
+                    why: "the expected identity is outside --trust-domain",
+                });
+            }
+            outbound.push((
+                e.listen,
+                OutboundTarget::Explicit {
+                    upstream: e.upstream,
+                    identity: e.identity,
+                },
+            ));
+        }
+        if inbound.is_empty() && outbound.is_empty() {
+            return Err(ConfigError {
+                flag: "--transparent",
+                value: "false".into(),
+                why: "with no --explicit-inbound or --explicit-outbound there is nothing to run",
+            });
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError {
+                flag: "--max-connections",
+                value: "0".into(),
+                why: "must be at least 1",
+            });
+        }
+        Ok(RunConfig {
+            trust_domain: self.trust_domain,
+            cert_dir: self.cert_dir,
+            inbound,
+            outbound,
+            policy: self.policy,
+            admin_addr: self.admin_addr,
+            limits: Limits {
+                handshake: self.handshake_timeout,
+                detect: self.detect_timeout,
+                connect: self.connect_timeout,
+                idle: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
+            },
+            max_connections: self.max_connections,
+            drain_timeout: self.drain_timeout,
+        })
+    }
+}
+
+// === impl InitArgs ===
+
+impl InitArgs {
+    /// The capture rules' configuration.
+    pub fn capture_config(&self) -> CaptureConfig {
+        CaptureConfig {
+            outbound_port: self.outbound_port,
+            inbound_port: self.inbound_port,
+            proxy_uid: self.proxy_uid,
+            exclude_outbound_ports: self.exclude_outbound_ports.clone(),
+            exclude_inbound_ports: self.exclude_inbound_ports.clone(),
+            ipv6: self.ipv6,
+        }
+    }
+}
+
 // === impl CertifyArgs ===
 
 impl CertifyArgs {
@@ -70,6 +392,93 @@ impl CertifyArgs {
             token_file: self.token_file.clone(),
             lifetime: self.lifetime,
             timeout: self.timeout,
+        }
+    }
+}
+
+/// Serializes durations as humantime text for `/config`.
+pub mod duration_text {
+    use std::time::Duration;
+
+    use serde::Serializer;
+
+    /// Serializes `d` as e.g. `"10s"`.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+/// Serializes optional durations as humantime text or `null`.
+pub mod duration_text_opt {
+    use std::time::Duration;
+
+    use serde::Serializer;
+
+    /// Serializes `d` as e.g. `"10s"`, or `null`.
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Result<RunConfig, String> {
+        let mut argv = vec!["palisade-sidecar", "run", "--cert-dir", "/certs"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .command
+        {
+            Command::Run(args) => args.into_config().map_err(|e| e.to_string()),
+            _ => Err("wrong subcommand".into()),
+        }
+    }
+
+    #[test]
+    fn defaults_capture_on_the_design_ports() {
+        let config = run(&[]).expect("valid");
+        assert_eq!(config.outbound[0].0.port(), 15001);
+        assert_eq!(config.inbound[0].0.port(), 15006);
+        assert_eq!(config.admin_addr.port(), 15020);
+    }
+
+    #[test]
+    fn explicit_listeners_parse_and_bad_ones_say_why() {
+        let config = run(&[
+            "--transparent=false",
+            "--explicit-outbound",
+            "127.0.0.1:7001=127.0.0.1:7002,spiffe://cluster.local/ns/a/sa/b",
+            "--explicit-inbound",
+            "127.0.0.1:7002=127.0.0.1:8080",
+        ])
+        .expect("valid");
+        assert_eq!(config.outbound.len(), 1);
+        assert_eq!(config.inbound.len(), 1);
+
+        for (args, needle) in [
+            (&["--transparent=false"][..], "nothing to run"),
+            (&["--explicit-outbound", "127.0.0.1:1=x:2"][..], "SPIFFE ID"),
+            (
+                &[
+                    "--explicit-outbound",
+                    "127.0.0.1:1=x,spiffe://cluster.local/a",
+                ][..],
+                "needs a port",
+            ),
+            (
+                &["--explicit-outbound", "127.0.0.1:1=x:2,spiffe://other.td/a"][..],
+                "outside --trust-domain",
+            ),
+            (&["--explicit-inbound", "nope"][..], "LISTEN=LOCAL_APP"),
+            (&["--mesh-networks", "10.0.0.0/33"][..], "--mesh-networks"),
+        ] {
+            let err = run(args).expect_err("invalid");
+            assert!(err.contains(needle), "{args:?}: {err}");
         }
     }
 }

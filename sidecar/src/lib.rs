@@ -1,15 +1,24 @@
 //! Palisade's sidecar: carries a pod's TCP traffic inside mutually
 //! authenticated TLS to the peer pod's sidecar.
 //!
-//! This release holds the identity client; the data plane (capture, proxying,
-//! policy) follows.
-//!
 //! - [`config`]: flags and environment, the only place that reads them.
+//! - [`app`]: wires the parts together and runs them until shutdown.
+//! - [`tls`]: the certificate store, SPIFFE verifiers, file-mode credentials.
+//! - [`proxy`]: inbound and outbound listeners, detection, relay.
+//! - [`policy`]: the inbound authorization policy.
+//! - [`capture`]: `palisade-sidecar init`, the iptables capture rules.
 //! - [`identity`]: fresh keys certified by the control plane.
 //! - [`credentials`]: writing a certificate, key and bundle to a directory.
+//! - [`metrics`]: the Prometheus metrics.
 
 #![forbid(unsafe_code)]
 
+pub mod app;
+pub mod capture;
 pub mod config;
 pub mod credentials;
 pub mod identity;
+pub mod metrics;
+pub mod policy;
+pub mod proxy;
+pub mod tls;

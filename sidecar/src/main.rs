@@ -6,7 +6,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
+use palisade_runtime::telemetry;
 use palisade_sidecar::{
+    app::App,
+    capture,
     config::{Cli, Command},
     credentials,
     identity::IdentityClient,
@@ -24,22 +27,40 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PALISADE_LOG_LEVEL")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
     rustls::crypto::aws_lc_rs::default_provider()
         .install_default()
         .map_err(|_| anyhow::anyhow!("a rustls crypto provider was already installed"))?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
+    telemetry::init(&cli.log_config(), &[]).map_err(anyhow::Error::msg)?;
     match cli.command {
-        Command::Certify(args) => runtime.block_on(async {
+        Command::Run(args) => {
+            let config = args.into_config()?;
+            runtime(true)?.block_on(async {
+                let app = App::build(config).await?;
+                app.run(shutdown_signal()).await
+            })
+        }
+        Command::Init(args) => {
+            let config = args.capture_config();
+            if args.dry_run {
+                print!("{}", capture::rules(&config, capture::Family::V4)?);
+                if config.ipv6 {
+                    print!("{}", capture::rules(&config, capture::Family::V6)?);
+                }
+                return Ok(());
+            }
+            if args.remove {
+                capture::remove(&config)?;
+                println!("removed the palisade capture rules");
+            } else {
+                capture::install(&config)?;
+                println!(
+                    "installed the palisade capture rules: outbound -> {}, inbound -> {}",
+                    config.outbound_port, config.inbound_port
+                );
+            }
+            Ok(())
+        }
+        Command::Certify(args) => runtime(false)?.block_on(async {
             let client = IdentityClient::new(args.client_config());
             let creds = client.certify().await?;
             credentials::write(&args.out, &creds)
@@ -53,5 +74,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }),
+    }
+}
+
+fn runtime(multi_thread: bool) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    builder
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }

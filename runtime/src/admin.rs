@@ -20,14 +20,26 @@ use prometheus::{Encoder, Registry, TextEncoder};
 use tokio::net::TcpListener;
 
 /// What the admin endpoints read.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct AdminState {
     /// The registry `/metrics` renders.
     pub registry: Registry,
-    /// Set once the CA is loaded and the gRPC listener is serving.
-    pub ready: Arc<AtomicBool>,
+    /// Whether the process is ready for traffic; asked on every `/ready`.
+    pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
     /// The running configuration as JSON.
     pub config: Arc<serde_json::Value>,
+}
+
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminState").finish_non_exhaustive()
+    }
+}
+
+/// A readiness flag for [`AdminState::ready`].
+pub fn flag(ready: &Arc<AtomicBool>) -> Arc<dyn Fn() -> bool + Send + Sync> {
+    let ready = ready.clone();
+    Arc::new(move || ready.load(Ordering::Acquire))
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown`.
@@ -56,7 +68,7 @@ async fn metrics(State(state): State<AdminState>) -> Response {
 }
 
 async fn ready(State(state): State<AdminState>) -> (StatusCode, &'static str) {
-    if state.ready.load(Ordering::Acquire) {
+    if (state.ready)() {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")

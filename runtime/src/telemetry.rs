@@ -14,11 +14,15 @@ pub struct LogConfig {
     pub json: bool,
 }
 
-/// Installs the global subscriber.
-pub fn init(config: &LogConfig) -> Result<(), String> {
-    // kube's client logs whole response bodies on some errors, and a TokenReview
-    // response echoes the token under review: keep that module to errors only.
-    let filter = EnvFilter::try_new(format!("{},kube_client::client=error", config.level))
+/// Installs the global subscriber. `forced` directives are appended to the
+/// configured level and win over it (e.g. to keep a chatty dependency quiet).
+pub fn init(config: &LogConfig, forced: &[&str]) -> Result<(), String> {
+    let mut directives = config.level.clone();
+    for d in forced {
+        directives.push(',');
+        directives.push_str(d);
+    }
+    let filter = EnvFilter::try_new(&directives)
         .map_err(|e| format!("--log-level {:?}: {e}", config.level))?;
     let builder = fmt()
         .with_env_filter(filter)

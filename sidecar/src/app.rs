@@ -1,0 +1,229 @@
+//! Builds the sidecar from its configuration and runs it until shutdown.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::SystemTime};
+
+use anyhow::Context;
+use palisade_proto::SpiffeId;
+use palisade_runtime::{
+    admin::{self, AdminState},
+    watch::reload_on_change,
+};
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, info_span, warn};
+
+use crate::{
+    config::RunConfig,
+    metrics::Metrics,
+    policy::{Policy, PolicyStore},
+    proxy::{self, Proxy, inbound, outbound},
+    tls::{CertStore, files},
+};
+
+/// A sidecar whose listeners are bound, ready to run.
+#[derive(Debug)]
+pub struct App {
+    config: RunConfig,
+    proxy: Arc<Proxy>,
+    registry: Registry,
+    inbound: Vec<(TcpListener, Arc<inbound::InboundTarget>)>,
+    outbound: Vec<(TcpListener, Arc<outbound::OutboundTarget>)>,
+    admin: TcpListener,
+}
+
+// === impl App ===
+
+impl App {
+    /// Loads credentials and policy and binds every listener. Missing or bad
+    /// credentials are not fatal: the listeners come up and fail closed until
+    /// valid ones appear.
+    pub async fn build(config: RunConfig) -> anyhow::Result<Self> {
+        let registry = Registry::new();
+        let metrics = Metrics::register(&registry).context("registering metrics")?;
+        let pinned: Vec<SpiffeId> = config
+            .outbound
+            .iter()
+            .filter_map(|(_, t)| match t {
+                outbound::OutboundTarget::Explicit { identity, .. } => Some(identity.clone()),
+                outbound::OutboundTarget::Transparent { .. } => None,
+            })
+            .collect();
+        let store = Arc::new(CertStore::new(config.trust_domain.clone(), pinned));
+        reload_credentials(&config, &store, &metrics);
+
+        let policy = match &config.policy {
+            Some(path) => PolicyStore::load(path, config.trust_domain.clone())
+                .with_context(|| format!("loading the authorization policy {}", path.display()))?,
+            None => PolicyStore::fixed(Policy::allow_all()),
+        };
+        let proxy = Arc::new(Proxy::new(
+            store,
+            Arc::new(policy),
+            metrics,
+            config.limits.clone(),
+            config.max_connections,
+        ));
+
+        let mut inbound = Vec::new();
+        for (addr, target) in &config.inbound {
+            inbound.push((bind(*addr, "inbound").await?, Arc::new(target.clone())));
+        }
+        let mut outbound = Vec::new();
+        for (addr, target) in &config.outbound {
+            outbound.push((bind(*addr, "outbound").await?, Arc::new(target.clone())));
+        }
+        let admin = bind(config.admin_addr, "admin").await?;
+        Ok(Self {
+            config,
+            proxy,
+            registry,
+            inbound,
+            outbound,
+            admin,
+        })
+    }
+
+    /// The bound admin address.
+    pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
+        self.admin.local_addr()
+    }
+
+    /// Serves until `shutdown`, then drains open connections for at most the
+    /// configured drain timeout.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Self {
+            config,
+            proxy,
+            registry,
+            inbound,
+            outbound,
+            admin,
+        } = self;
+        let stop = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+
+        let mut addrs = Vec::new();
+        for (listener, target) in inbound {
+            addrs.push(format!("inbound={}", listener.local_addr()?));
+            let (proxy, stop) = (proxy.clone(), stop.clone());
+            tasks.spawn(async move {
+                let handler_proxy = proxy.clone();
+                proxy::serve(
+                    proxy,
+                    listener,
+                    stop,
+                    |peer| info_span!("inbound", %peer, dst = tracing::field::Empty, identity = tracing::field::Empty),
+                    move |tcp, _peer, permit| {
+                        inbound::handle(handler_proxy.clone(), target.clone(), tcp, permit)
+                    },
+                )
+                .await;
+            });
+        }
+        for (listener, target) in outbound {
+            addrs.push(format!("outbound={}", listener.local_addr()?));
+            let (proxy, stop) = (proxy.clone(), stop.clone());
+            tasks.spawn(async move {
+                let handler_proxy = proxy.clone();
+                proxy::serve(
+                    proxy,
+                    listener,
+                    stop,
+                    |peer| info_span!("outbound", %peer, dst = tracing::field::Empty, identity = tracing::field::Empty),
+                    move |tcp, _peer, permit| {
+                        outbound::handle(handler_proxy.clone(), target.clone(), tcp, permit)
+                    },
+                )
+                .await;
+            });
+        }
+
+        let store = proxy.store.clone();
+        let ready_store = store.clone();
+        let admin_addr = admin.local_addr()?;
+        let admin_state = AdminState {
+            registry,
+            ready: Arc::new(move || ready_store.is_ready(SystemTime::now())),
+            config: Arc::new(
+                serde_json::to_value(&config).context("serializing the configuration")?,
+            ),
+        };
+        let admin_stop = stop.clone();
+        tasks.spawn(async move {
+            if let Err(error) = admin::serve(admin, admin_state, admin_stop.cancelled_owned()).await
+            {
+                warn!(%error, "the admin server failed");
+            }
+        });
+
+        {
+            let (config, proxy, stop) = (config.clone(), proxy.clone(), stop.clone());
+            tasks.spawn(async move {
+                reload_on_change(&config.cert_dir, stop.cancelled(), || {
+                    reload_credentials(&config, &proxy.store, &proxy.metrics);
+                })
+                .await;
+            });
+        }
+        if let Some(path) = config.policy.clone() {
+            let (proxy, stop) = (proxy.clone(), stop.clone());
+            tasks.spawn(async move {
+                reload_on_change(&path, stop.cancelled(), || match proxy.policy.reload() {
+                    Ok(false) => {}
+                    Ok(true) => info!(file = %path.display(), "loaded a new authorization policy"),
+                    Err(error) => warn!(%error, "refused the changed policy; the previous policy stays in use"),
+                })
+                .await;
+            });
+        }
+
+        info!(listeners = %addrs.join(" "), admin = %admin_addr, trust_domain = %config.trust_domain, "serving");
+        shutdown.await;
+        info!(drain = ?config.drain_timeout, "shutting down: no new connections; draining open ones");
+        stop.cancel();
+        let left = proxy.drain(config.drain_timeout).await;
+        if left > 0 {
+            warn!(
+                left,
+                "the drain timeout ran out; closing the remaining connections"
+            );
+        } else {
+            info!("stopped");
+        }
+        tasks.shutdown().await;
+        Ok(())
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the {what} address {addr}"))
+}
+
+/// Loads the credentials directory into the store and reports the outcome.
+fn reload_credentials(config: &RunConfig, store: &CertStore, metrics: &Metrics) {
+    match files::load(&config.cert_dir, store, SystemTime::now()) {
+        Ok(None) => {}
+        Ok(Some(configs)) => {
+            metrics.renewal(true);
+            metrics.certificate_installed(
+                configs.identity().as_str(),
+                configs.not_after(),
+                configs.roots(),
+            );
+            info!(
+                identity = %configs.identity(),
+                not_after = %humantime::format_rfc3339_seconds(configs.not_after()),
+                roots = configs.roots(),
+                "installed a certificate"
+            );
+        }
+        Err(error) => {
+            metrics.renewal(false);
+            let keeping = store.current().map(|c| c.identity().to_string());
+            warn!(%error, dir = %config.cert_dir.display(), ?keeping, "refused the credentials; keeping what is in use");
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! The certificate store: the one place TLS configurations come from.
+//!
+//! A new certificate, key and bundle are validated (the key matches, the leaf
+//! chains to the bundle for both client and server use, it names exactly one
+//! SPIFFE ID of our trust domain, it is valid now) and only then published as
+//! a fresh pair of rustls configurations behind an [`ArcSwapOption`]. A
+//! handshake loads the current pair once; connections already established keep
+//! the configuration they started with, so a swap never touches them. Before
+//! the first certificate there is nothing to load and every handshake fails
+//! closed.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use arc_swap::ArcSwapOption;
+use palisade_proto::{MESH_ALPN, SpiffeId, TrustDomain};
+use rustls::{
+    ClientConfig, ServerConfig,
+    client::{ResolvesClientCert, Resumption},
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, PrivateKeyDer, UnixTime},
+    server::{ClientHello, NoServerSessionStorage, ResolvesServerCert},
+    sign::CertifiedKey,
+};
+use tokio::sync::watch;
+
+use super::verifier::Verification;
+
+/// A certificate chain, its private key and the trust bundle, not yet checked.
+pub struct Material {
+    /// The leaf, then intermediates.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The leaf's private key.
+    pub key: PrivateKeyDer<'static>,
+    /// Every root the mesh trusts.
+    pub roots: Vec<CertificateDer<'static>>,
+}
+
+/// The published TLS configurations for one certificate and bundle.
+pub struct TlsConfigs {
+    identity: SpiffeId,
+    not_after: SystemTime,
+    roots: usize,
+    bundle: Vec<CertificateDer<'static>>,
+    server: Arc<ServerConfig>,
+    client_any: Arc<ClientConfig>,
+    client_pinned: HashMap<SpiffeId, Arc<ClientConfig>>,
+    provider: Arc<CryptoProvider>,
+    verification: Verification,
+    key: Arc<CertifiedKey>,
+}
+
+/// Where the sidecar's TLS configurations are published.
+pub struct CertStore {
+    trust_domain: TrustDomain,
+    pinned_peers: Vec<SpiffeId>,
+    current: ArcSwapOption<TlsConfigs>,
+    changed: watch::Sender<u64>,
+}
+
+/// Why new credentials were refused.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the certificate chain is empty")]
+    NoCertificate,
+    #[error("the trust bundle is empty")]
+    NoRoots,
+    #[error("the private key cannot be used: {0}")]
+    BadKey(String),
+    #[error("the private key does not belong to the certificate")]
+    KeyMismatch,
+    #[error("a root of the trust bundle cannot be used: {0}")]
+    BadRoot(String),
+    #[error("the certificate does not verify against the trust bundle: {0}")]
+    Untrusted(String),
+    #[error("cannot build the TLS configuration: {0}")]
+    Config(String),
+}
+
+/// Serves one fixed certificate on both sides.
+#[derive(Debug)]
+struct Fixed(Arc<CertifiedKey>);
+
+impl fmt::Debug for Material {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Material")
+            .field("chain", &self.chain.len())
+            .field("roots", &self.roots.len())
+            .field("key", &"...")
+            .finish()
+    }
+}
+
+// === impl CertStore ===
+
+impl CertStore {
+    /// An empty store; `pinned_peers` are the identities explicit listeners dial,
+    /// for which client configurations are built at each publish.
+    pub fn new(trust_domain: TrustDomain, pinned_peers: Vec<SpiffeId>) -> Self {
+        Self {
+            trust_domain,
+            pinned_peers,
+            current: ArcSwapOption::empty(),
+            changed: watch::Sender::new(0),
+        }
+    }
+
+    /// The current configurations, if any certificate was ever published.
+    pub fn current(&self) -> Option<Arc<TlsConfigs>> {
+        self.current.load_full()
+    }
+
+    /// Whether a certificate valid at `now` is published.
+    pub fn is_ready(&self, now: SystemTime) -> bool {
+        self.current
+            .load()
+            .as_ref()
+            .is_some_and(|c| c.not_after > now)
+    }
+
+    /// Validates `material` at `now` and publishes it.
+    pub fn publish(
+        &self,
+        material: Material,
+        now: SystemTime,
+    ) -> Result<Arc<TlsConfigs>, StoreError> {
+        let configs = Arc::new(TlsConfigs::build(
+            material,
+            &self.trust_domain,
+            &self.pinned_peers,
+            now,
+        )?);
+        self.current.store(Some(configs.clone()));
+        self.changed.send_modify(|g| *g += 1);
+        Ok(configs)
+    }
+
+    /// Fires on every publish.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Our trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+}
+
+impl fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertStore")
+            .field("trust_domain", &self.trust_domain)
+            .field(
+                "current",
+                &self.current.load().as_ref().map(|c| c.identity.clone()),
+            )
+            .finish()
+    }
+}
+
+// === impl TlsConfigs ===
+
+impl TlsConfigs {
+    fn build(
+        material: Material,
+        trust_domain: &TrustDomain,
+        pinned_peers: &[SpiffeId],
+        now: SystemTime,
+    ) -> Result<Self, StoreError> {
+        if material.chain.is_empty() {
+            return Err(StoreError::NoCertificate);
+        }
+        if material.roots.is_empty() {
+            return Err(StoreError::NoRoots);
+        }
+        let provider = Arc::new(provider());
+        let signing_key = provider
+            .key_provider
+            .load_private_key(material.key)
+            .map_err(|e| StoreError::BadKey(e.to_string()))?;
+        let key = Arc::new(CertifiedKey::new(material.chain.clone(), signing_key));
+        key.keys_match().map_err(|_| StoreError::KeyMismatch)?;
+
+        let verification = Verification::new(&material.roots, trust_domain.clone())
+            .map_err(|e| StoreError::BadRoot(format!("{e:?}")))?;
+        let unix_now = UnixTime::since_unix_epoch(
+            now.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default(),
+        );
+        let (leaf, intermediates) = material
+            .chain
+            .split_first()
+            .ok_or(StoreError::NoCertificate)?;
+        // Our certificate must work as both client and server certificate.
+        let identity = verification
+            .verify(leaf, intermediates, unix_now, true)
+            .and_then(|_| verification.verify(leaf, intermediates, unix_now, false))
+            .map_err(|e| StoreError::Untrusted(e.to_string()))?;
+        let not_after =
+            not_after(leaf).ok_or_else(|| StoreError::Untrusted("no notAfter".into()))?;
+
+        let mut configs = Self {
+            identity,
+            not_after,
+            roots: material.roots.len(),
+            bundle: material.roots,
+            server: Arc::new(server_config(&provider, &verification, &key)?),
+            client_any: Arc::new(client_config(&provider, &verification, &key, None)?),
+            client_pinned: HashMap::new(),
+            provider,
+            verification,
+            key,
+        };
+        for peer in pinned_peers {
+            let config = configs.build_client(Some(peer.clone()))?;
+            configs.client_pinned.insert(peer.clone(), config);
+        }
+        Ok(configs)
+    }
+
+    fn build_client(&self, expected: Option<SpiffeId>) -> Result<Arc<ClientConfig>, StoreError> {
+        Ok(Arc::new(client_config(
+            &self.provider,
+            &self.verification,
+            &self.key,
+            expected,
+        )?))
+    }
+
+    /// Whether `chain` and `roots` are what these configurations were built from.
+    pub fn same_material(
+        &self,
+        chain: &[CertificateDer<'_>],
+        roots: &[CertificateDer<'_>],
+    ) -> bool {
+        self.key.cert == chain && self.bundle == roots
+    }
+
+    /// Our identity.
+    pub fn identity(&self) -> &SpiffeId {
+        &self.identity
+    }
+
+    /// Our certificate's notAfter.
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+
+    /// How many roots the bundle holds.
+    pub fn roots(&self) -> usize {
+        self.roots
+    }
+
+    /// The inbound (server) configuration.
+    pub fn server(&self) -> Arc<ServerConfig> {
+        self.server.clone()
+    }
+
+    /// The outbound (client) configuration; `expected` pins the peer identity.
+    pub fn client(&self, expected: Option<&SpiffeId>) -> Arc<ClientConfig> {
+        match expected {
+            None => self.client_any.clone(),
+            Some(id) => match self.client_pinned.get(id) {
+                Some(c) => c.clone(),
+                // Not registered at start-up: build one (only explicit listeners pin).
+                None => self
+                    .build_client(Some(id.clone()))
+                    .unwrap_or_else(|_| self.client_any.clone()),
+            },
+        }
+    }
+}
+
+impl fmt::Debug for TlsConfigs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsConfigs")
+            .field("identity", &self.identity)
+            .field(
+                "not_after",
+                &humantime::format_rfc3339_seconds(self.not_after),
+            )
+            .field("roots", &self.roots)
+            .field("key", &"...")
+            .finish()
+    }
+}
+
+/// aws-lc-rs with the post-quantum hybrid first and X25519 as fallback.
+pub fn provider() -> CryptoProvider {
+    use rustls::crypto::aws_lc_rs::{default_provider, kx_group};
+    CryptoProvider {
+        kx_groups: vec![kx_group::X25519MLKEM768, kx_group::X25519],
+        ..default_provider()
+    }
+}
+
+fn server_config(
+    provider: &Arc<CryptoProvider>,
+    verification: &Verification,
+    key: &Arc<CertifiedKey>,
+) -> Result<ServerConfig, StoreError> {
+    let mut config = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| StoreError::Config(e.to_string()))?
+        .with_client_cert_verifier(verification.client_verifier())
+        .with_cert_resolver(Arc::new(Fixed(key.clone())));
+    config.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    // Full handshakes only: no tickets, no session cache.
+    config.send_tls13_tickets = 0;
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    Ok(config)
+}
+
+fn client_config(
+    provider: &Arc<CryptoProvider>,
+    verification: &Verification,
+    key: &Arc<CertifiedKey>,
+    expected: Option<SpiffeId>,
+) -> Result<ClientConfig, StoreError> {
+    let mut config = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| StoreError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verification.server_verifier(expected))
+        .with_client_cert_resolver(Arc::new(Fixed(key.clone())));
+    config.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    config.resumption = Resumption::disabled();
+    // Peers are named by SPIFFE ID, not by host name.
+    config.enable_sni = false;
+    Ok(config)
+}
+
+fn not_after(der: &CertificateDer<'_>) -> Option<SystemTime> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+// === impl Fixed ===
+
+impl ResolvesServerCert for Fixed {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+impl ResolvesClientCert for Fixed {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
