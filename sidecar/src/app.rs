@@ -54,7 +54,7 @@ impl App {
 
         let policy = match &config.policy {
             Some(path) => PolicyStore::load(path, config.trust_domain.clone())
-                .with_context(|| format!("loading the authorization policy {}", path.display()))?,
+                .context("loading the authorization policy")?,
             None => PolicyStore::fixed(Policy::allow_all()),
         };
         let proxy = Arc::new(Proxy::new(
@@ -65,15 +65,9 @@ impl App {
             config.max_connections,
         ));
 
-        let mut inbound = Vec::new();
-        for (addr, target) in &config.inbound {
-            inbound.push((bind(*addr, "inbound").await?, Arc::new(target.clone())));
-        }
-        let mut outbound = Vec::new();
-        for (addr, target) in &config.outbound {
-            outbound.push((bind(*addr, "outbound").await?, Arc::new(target.clone())));
-        }
-        let admin = bind(config.admin_addr, "admin").await?;
+        let inbound = bind_all(&config.inbound, "inbound")?;
+        let outbound = bind_all(&config.outbound, "outbound")?;
+        let admin = bind(config.admin_addr, "admin")?;
         Ok(Self {
             config,
             proxy,
@@ -87,6 +81,16 @@ impl App {
     /// The bound admin address.
     pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
         self.admin.local_addr()
+    }
+
+    /// The bound inbound listener addresses, in configuration order.
+    pub fn inbound_addrs(&self) -> std::io::Result<Vec<SocketAddr>> {
+        self.inbound.iter().map(|(l, _)| l.local_addr()).collect()
+    }
+
+    /// The bound outbound listener addresses, in configuration order.
+    pub fn outbound_addrs(&self) -> std::io::Result<Vec<SocketAddr>> {
+        self.outbound.iter().map(|(l, _)| l.local_addr()).collect()
     }
 
     /// Serves until `shutdown`, then drains open connections for at most the
@@ -196,10 +200,41 @@ impl App {
     }
 }
 
-async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the {what} address {addr}"))
+/// Binds a listener. IPv6 sockets are IPv6-only, so `0.0.0.0:P` and `[::]:P`
+/// can both be bound.
+fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let bind = || -> std::io::Result<TcpListener> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        TcpListener::from_std(socket.into())
+    };
+    bind().with_context(|| format!("binding the {what} address {addr}"))
+}
+
+/// Binds each listener of a direction; an IPv6 address the host cannot bind
+/// (IPv6 disabled) is skipped with a warning when another listener is bound.
+fn bind_all<T: Clone>(
+    listeners: &[(SocketAddr, T)],
+    what: &str,
+) -> anyhow::Result<Vec<(TcpListener, Arc<T>)>> {
+    let mut bound = Vec::new();
+    for (addr, target) in listeners {
+        match bind(*addr, what) {
+            Ok(listener) => bound.push((listener, Arc::new(target.clone()))),
+            Err(error) if addr.is_ipv6() && listeners.len() > 1 => {
+                warn!(error = format!("{error:#}"), "skipping an IPv6 listener");
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(bound)
 }
 
 /// Loads the credentials directory into the store and reports the outcome.
