@@ -6,6 +6,9 @@
 #
 # Tests that need root (network namespaces, iptables) run when this is run as
 # root, as CI does; elsewhere they fail loudly rather than pass silently.
+if [ "$(id -u)" -ne 0 ]; then
+  echo "!!! not root: the namespaced and iptables tests will FAIL (they need root; CI runs as root)" >&2
+fi
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +19,11 @@ step() { printf '\n\033[1m### %s\033[0m\n' "$*"; }
 declare -A PACKAGES=(
   [openssl]=openssl
   [curl]=curl
+  [iptables]=iptables
+  [ip]=iproute2
+  [tcpdump]=tcpdump
+  [setpriv]=util-linux
+  [python3]=python3
 )
 missing=()
 for cmd in "${!PACKAGES[@]}"; do

@@ -206,6 +206,10 @@ pub struct InitArgs {
     /// Inbound ports left alone (comma-separated).
     #[arg(long, env = "PALISADE_EXCLUDE_INBOUND_PORTS", value_delimiter = ',')]
     pub exclude_inbound_ports: Vec<u16>,
+    /// The sidecar's admin port: always left alone inbound, so probes and
+    /// Prometheus reach it even in strict mode.
+    #[arg(long, env = "PALISADE_ADMIN_PORT", default_value_t = 15020)]
+    pub admin_port: u16,
     /// Also install the rules with ip6tables.
     #[arg(long, env = "PALISADE_IPV6", default_value_t = true, action = ArgAction::Set)]
     pub ipv6: bool,
@@ -373,7 +377,12 @@ impl InitArgs {
             inbound_port: self.inbound_port,
             proxy_uid: self.proxy_uid,
             exclude_outbound_ports: self.exclude_outbound_ports.clone(),
-            exclude_inbound_ports: self.exclude_inbound_ports.clone(),
+            exclude_inbound_ports: self
+                .exclude_inbound_ports
+                .iter()
+                .copied()
+                .chain([self.admin_port])
+                .collect(),
             ipv6: self.ipv6,
         }
     }
