@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn};
 
 use crate::{
-    config::RunConfig,
+    config::{CredentialSource, RunConfig},
+    identity::{IdentityClient, refresh},
     metrics::Metrics,
     policy::{Policy, PolicyStore},
     proxy::{self, Proxy, inbound, outbound},
@@ -50,7 +51,9 @@ impl App {
             })
             .collect();
         let store = Arc::new(CertStore::new(config.trust_domain.clone(), pinned));
-        reload_credentials(&config, &store, &metrics);
+        if let CredentialSource::Files { dir } = &config.credentials {
+            reload_credentials(dir, &store, &metrics);
+        }
 
         let policy = match &config.policy {
             Some(path) => PolicyStore::load(path, config.trust_domain.clone())
@@ -161,14 +164,25 @@ impl App {
             }
         });
 
-        {
-            let (config, proxy, stop) = (config.clone(), proxy.clone(), stop.clone());
-            tasks.spawn(async move {
-                reload_on_change(&config.cert_dir, stop.cancelled(), || {
-                    reload_credentials(&config, &proxy.store, &proxy.metrics);
-                })
-                .await;
-            });
+        match config.credentials.clone() {
+            CredentialSource::Files { dir } => {
+                let (proxy, stop) = (proxy.clone(), stop.clone());
+                tasks.spawn(async move {
+                    reload_on_change(&dir, stop.cancelled(), || {
+                        reload_credentials(&dir, &proxy.store, &proxy.metrics);
+                    })
+                    .await;
+                });
+            }
+            CredentialSource::ControlPlane { client, schedule } => {
+                tasks.spawn(refresh::run(
+                    IdentityClient::new(client),
+                    proxy.store.clone(),
+                    proxy.metrics.clone(),
+                    schedule,
+                    stop.clone(),
+                ));
+            }
         }
         if let Some(path) = config.policy.clone() {
             let (proxy, stop) = (proxy.clone(), stop.clone());
@@ -238,8 +252,8 @@ fn bind_all<T: Clone>(
 }
 
 /// Loads the credentials directory into the store and reports the outcome.
-fn reload_credentials(config: &RunConfig, store: &CertStore, metrics: &Metrics) {
-    match files::load(&config.cert_dir, store, SystemTime::now()) {
+fn reload_credentials(dir: &std::path::Path, store: &CertStore, metrics: &Metrics) {
+    match files::load(dir, store, SystemTime::now()) {
         Ok(None) => {}
         Ok(Some(configs)) => {
             metrics.renewal(true);
@@ -258,7 +272,7 @@ fn reload_credentials(config: &RunConfig, store: &CertStore, metrics: &Metrics) 
         Err(error) => {
             metrics.renewal(false);
             let keeping = store.current().map(|c| c.identity().to_string());
-            warn!(%error, dir = %config.cert_dir.display(), ?keeping, "refused the credentials; keeping what is in use");
+            warn!(%error, dir = %dir.display(), ?keeping, "refused the credentials; keeping what is in use");
         }
     }
 }

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::{
     capture::CaptureConfig,
-    identity::IdentityClientConfig,
+    identity::{IdentityClientConfig, refresh::Schedule},
     proxy::{
         Limits,
         inbound::{InboundTarget, Mode},
@@ -56,9 +56,41 @@ pub struct RunArgs {
     /// The mesh's SPIFFE trust domain.
     #[arg(long, env = "PALISADE_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: TrustDomain,
-    /// Directory with tls.crt, tls.key and ca.crt (file mode); watched for changes.
-    #[arg(long, env = "PALISADE_CERT_DIR", value_name = "DIR")]
-    pub cert_dir: PathBuf,
+    /// File mode: a directory with tls.crt, tls.key and ca.crt, watched for changes.
+    #[arg(
+        long,
+        env = "PALISADE_CERT_DIR",
+        value_name = "DIR",
+        conflicts_with = "control_plane"
+    )]
+    pub cert_dir: Option<PathBuf>,
+    /// Control-plane mode: the control plane's gRPC address (e.g. https://palisade.palisade-system.svc:15012).
+    #[arg(long, env = "PALISADE_CONTROL_PLANE")]
+    pub control_plane: Option<String>,
+    /// The DNS name in the control plane's serving certificate.
+    #[arg(long, env = "PALISADE_CONTROL_PLANE_NAME", default_value = "localhost")]
+    pub control_plane_name: String,
+    /// PEM bundle the control plane's certificate chains to (control-plane mode).
+    #[arg(long, env = "PALISADE_BUNDLE", value_name = "FILE")]
+    pub bundle: Option<PathBuf>,
+    /// The SPIFFE ID to claim (control-plane mode).
+    #[arg(long, env = "PALISADE_IDENTITY")]
+    pub identity: Option<SpiffeId>,
+    /// File holding the token, read on every renewal (control-plane mode).
+    #[arg(long, env = "PALISADE_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Certificate lifetime to ask for (the control plane clamps it).
+    #[arg(long, env = "PALISADE_LIFETIME", value_parser = humantime::parse_duration)]
+    pub lifetime: Option<Duration>,
+    /// Never renew sooner than this after an issuance.
+    #[arg(long, env = "PALISADE_RENEW_MIN_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub renew_min_interval: Duration,
+    /// Never wait longer than this between renewals.
+    #[arg(long, env = "PALISADE_RENEW_MAX_INTERVAL", default_value = "12h", value_parser = humantime::parse_duration)]
+    pub renew_max_interval: Duration,
+    /// Longest wait between retries after a failed renewal.
+    #[arg(long, env = "PALISADE_RETRY_CAP", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub retry_cap: Duration,
     /// Run the iptables-captured listeners (outbound 15001, inbound 15006).
     #[arg(long, env = "PALISADE_TRANSPARENT", default_value_t = true, action = ArgAction::Set)]
     pub transparent: bool,
@@ -248,11 +280,24 @@ pub struct CertifyArgs {
     pub out: PathBuf,
 }
 
+/// Where the sidecar's certificate comes from.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialSource {
+    /// A watched directory managed elsewhere.
+    Files { dir: PathBuf },
+    /// The control plane, renewed on a schedule.
+    ControlPlane {
+        client: IdentityClientConfig,
+        schedule: Schedule,
+    },
+}
+
 /// The validated configuration of `run`.
 #[derive(Clone, Debug, Serialize)]
 pub struct RunConfig {
     pub trust_domain: TrustDomain,
-    pub cert_dir: PathBuf,
+    pub credentials: CredentialSource,
     /// (address, target) of every inbound listener.
     pub inbound: Vec<(SocketAddr, InboundTarget)>,
     /// (address, target) of every outbound listener.
@@ -341,6 +386,48 @@ impl RunArgs {
                 why: "with no --explicit-inbound or --explicit-outbound there is nothing to run",
             });
         }
+        let credentials = match (self.cert_dir, self.control_plane) {
+            (Some(dir), None) => CredentialSource::Files { dir },
+            (None, Some(control_plane)) => {
+                let missing = |flag: &'static str| ConfigError {
+                    flag,
+                    value: String::new(),
+                    why: "is required with --control-plane",
+                };
+                let identity = self.identity.ok_or_else(|| missing("--identity"))?;
+                if !identity.is_member_of(&self.trust_domain) {
+                    return Err(ConfigError {
+                        flag: "--identity",
+                        value: identity.to_string(),
+                        why: "is outside --trust-domain",
+                    });
+                }
+                CredentialSource::ControlPlane {
+                    client: IdentityClientConfig {
+                        control_plane,
+                        server_name: self.control_plane_name,
+                        bundle_file: self.bundle.ok_or_else(|| missing("--bundle"))?,
+                        identity,
+                        token_file: self.token_file.ok_or_else(|| missing("--token-file"))?,
+                        lifetime: self.lifetime,
+                        timeout: self.connect_timeout.max(Duration::from_secs(5)),
+                    },
+                    schedule: Schedule {
+                        min_interval: self.renew_min_interval,
+                        max_interval: self.renew_max_interval,
+                        backoff_cap: self.retry_cap,
+                        ..Schedule::default()
+                    },
+                }
+            }
+            _ => {
+                return Err(ConfigError {
+                    flag: "--cert-dir",
+                    value: String::new(),
+                    why: "give either --cert-dir (file mode) or --control-plane (control-plane mode)",
+                });
+            }
+        };
         if self.max_connections == 0 {
             return Err(ConfigError {
                 flag: "--max-connections",
@@ -350,7 +437,7 @@ impl RunArgs {
         }
         Ok(RunConfig {
             trust_domain: self.trust_domain,
-            cert_dir: self.cert_dir,
+            credentials,
             inbound,
             outbound,
             policy: self.policy,
@@ -437,7 +524,10 @@ mod tests {
     use super::*;
 
     fn run(args: &[&str]) -> Result<RunConfig, String> {
-        let mut argv = vec!["palisade-sidecar", "run", "--cert-dir", "/certs"];
+        let mut argv = vec!["palisade-sidecar", "run"];
+        if !args.contains(&"--control-plane") {
+            argv.extend(["--cert-dir", "/certs"]);
+        }
         argv.extend_from_slice(args);
         match Cli::try_parse_from(argv)
             .map_err(|e| e.to_string())?
@@ -485,6 +575,20 @@ mod tests {
             ),
             (&["--explicit-inbound", "nope"][..], "LISTEN=LOCAL_APP"),
             (&["--mesh-networks", "10.0.0.0/33"][..], "--mesh-networks"),
+            (&["--control-plane", "https://cp:15012"][..], "--identity"),
+            (
+                &[
+                    "--control-plane",
+                    "https://cp:15012",
+                    "--identity",
+                    "spiffe://x.td/a",
+                    "--bundle",
+                    "/b",
+                    "--token-file",
+                    "/t",
+                ][..],
+                "outside --trust-domain",
+            ),
         ] {
             let err = run(args).expect_err("invalid");
             assert!(err.contains(needle), "{args:?}: {err}");

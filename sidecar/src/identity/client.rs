@@ -94,6 +94,16 @@ pub struct IdentityClient {
 // === impl IdentityClient ===
 
 impl IdentityClient {
+    /// The identity this client claims.
+    pub fn identity(&self) -> &SpiffeId {
+        &self.config.identity
+    }
+
+    /// The initial bundle file.
+    pub fn bundle_file(&self) -> &std::path::Path {
+        &self.config.bundle_file
+    }
+
     /// A client for `config`; nothing is read or connected yet.
     pub fn new(config: IdentityClientConfig) -> Self {
         Self { config }
@@ -101,11 +111,27 @@ impl IdentityClient {
 
     /// Generates a fresh key and has the control plane certify it.
     pub async fn certify(&self) -> Result<Credentials, CertifyError> {
+        self.certify_trusting(&[]).await
+    }
+
+    /// Like [`certify`](Self::certify), also trusting `extra_roots` (the bundle
+    /// of the last response) for the control plane's certificate, so a root
+    /// rotation reaches the sidecar before its bundle file is updated.
+    pub async fn certify_trusting(
+        &self,
+        extra_roots: &[CertificateDer<'static>],
+    ) -> Result<Credentials, CertifyError> {
         let c = &self.config;
-        let bundle = std::fs::read(&c.bundle_file).map_err(|error| CertifyError::Bundle {
+        let mut bundle = std::fs::read(&c.bundle_file).map_err(|error| CertifyError::Bundle {
             path: c.bundle_file.clone(),
             error,
         })?;
+        for root in extra_roots {
+            bundle.push(b'\n');
+            bundle.extend_from_slice(
+                ::pem::encode(&::pem::Pem::new("CERTIFICATE", root.to_vec())).as_bytes(),
+            );
+        }
         let token = std::fs::read(&c.token_file).map_err(|error| CertifyError::Token {
             path: c.token_file.clone(),
             error,
