@@ -11,7 +11,7 @@ use palisade_runtime::{
 use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, info_span, warn};
+use tracing::{field::Empty, info, info_span, warn};
 
 use crate::{
     config::{CredentialSource, RunConfig},
@@ -113,37 +113,23 @@ impl App {
         let mut addrs = Vec::new();
         for (listener, target) in inbound {
             addrs.push(format!("inbound={}", listener.local_addr()?));
-            let (proxy, stop) = (proxy.clone(), stop.clone());
-            tasks.spawn(async move {
-                let handler_proxy = proxy.clone();
-                proxy::serve(
-                    proxy,
-                    listener,
-                    stop,
-                    |peer| info_span!("inbound", %peer, dst = tracing::field::Empty, identity = tracing::field::Empty),
-                    move |tcp, _peer, permit| {
-                        inbound::handle(handler_proxy.clone(), target.clone(), tcp, permit)
-                    },
-                )
-                .await;
-            });
+            tasks.spawn(accept(
+                proxy.clone(),
+                listener,
+                stop.clone(),
+                |peer| info_span!("inbound", %peer, dst = Empty, identity = Empty),
+                move |proxy, tcp, permit| inbound::handle(proxy, target.clone(), tcp, permit),
+            ));
         }
         for (listener, target) in outbound {
             addrs.push(format!("outbound={}", listener.local_addr()?));
-            let (proxy, stop) = (proxy.clone(), stop.clone());
-            tasks.spawn(async move {
-                let handler_proxy = proxy.clone();
-                proxy::serve(
-                    proxy,
-                    listener,
-                    stop,
-                    |peer| info_span!("outbound", %peer, dst = tracing::field::Empty, identity = tracing::field::Empty),
-                    move |tcp, _peer, permit| {
-                        outbound::handle(handler_proxy.clone(), target.clone(), tcp, permit)
-                    },
-                )
-                .await;
-            });
+            tasks.spawn(accept(
+                proxy.clone(),
+                listener,
+                stop.clone(),
+                |peer| info_span!("outbound", %peer, dst = Empty, identity = Empty),
+                move |proxy, tcp, permit| outbound::handle(proxy, target.clone(), tcp, permit),
+            ));
         }
 
         let store = proxy.store.clone();
@@ -212,6 +198,24 @@ impl App {
         tasks.shutdown().await;
         Ok(())
     }
+}
+
+/// Runs one listener's accept loop with `handle` for each connection.
+async fn accept<H, F>(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    stop: CancellationToken,
+    span: fn(SocketAddr) -> tracing::Span,
+    handle: H,
+) where
+    H: Fn(Arc<Proxy>, tokio::net::TcpStream, tokio::sync::OwnedSemaphorePermit) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let handler_proxy = proxy.clone();
+    proxy::serve(proxy, listener, stop, span, move |tcp, _peer, permit| {
+        handle(handler_proxy.clone(), tcp, permit)
+    })
+    .await;
 }
 
 /// Binds a listener. IPv6 sockets are IPv6-only, so `0.0.0.0:P` and `[::]:P`

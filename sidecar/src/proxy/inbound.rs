@@ -174,26 +174,7 @@ async fn mesh(proxy: &Proxy, tcp: TcpStream, prefix: Vec<u8>, app: SocketAddr) {
         let _ = tokio::time::timeout(proxy.limits.handshake, tls.shutdown()).await;
         return;
     }
-    let upstream = match super::connect(&app.to_string(), proxy.limits.connect).await {
-        Ok(tcp) => tcp,
-        Err(error) => {
-            info!(%error, %app, "cannot connect to the app");
-            return;
-        }
-    };
-    let _active = proxy.metrics.opened(Inbound, true, peer.as_str());
-    debug!(%peer, "inbound mTLS connection open");
-    match relay(
-        tls,
-        upstream,
-        &proxy.metrics.bytes(Inbound),
-        proxy.limits.idle,
-    )
-    .await
-    {
-        Ok((sent, received)) => debug!(sent, received, "inbound connection closed"),
-        Err(error) => debug!(%error, "inbound connection ended with an error"),
-    }
+    to_app(proxy, tls, app, Some(peer.as_str())).await;
 }
 
 /// Passes traffic that is not mesh TLS to the app (permissive mode).
@@ -206,6 +187,14 @@ async fn plaintext(proxy: &Proxy, tcp: TcpStream, prefix: Vec<u8>, app: SocketAd
         );
         return;
     }
+    to_app(proxy, PrefixedIo::new(prefix, tcp), app, None).await;
+}
+
+/// Connects to the app and relays; `peer` is the verified identity, if any.
+async fn to_app<C>(proxy: &Proxy, client: C, app: SocketAddr, peer: Option<&str>)
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let upstream = match super::connect(&app.to_string(), proxy.limits.connect).await {
         Ok(tcp) => tcp,
         Err(error) => {
@@ -213,8 +202,10 @@ async fn plaintext(proxy: &Proxy, tcp: TcpStream, prefix: Vec<u8>, app: SocketAd
             return;
         }
     };
-    let _active = proxy.metrics.opened(Inbound, false, "");
-    let client = PrefixedIo::new(prefix, tcp);
+    let _active = proxy
+        .metrics
+        .opened(Inbound, peer.is_some(), peer.unwrap_or_default());
+    debug!(peer = peer.unwrap_or_default(), "inbound connection open");
     match relay(
         client,
         upstream,
@@ -223,7 +214,7 @@ async fn plaintext(proxy: &Proxy, tcp: TcpStream, prefix: Vec<u8>, app: SocketAd
     )
     .await
     {
-        Ok((sent, received)) => debug!(sent, received, "inbound plaintext connection closed"),
-        Err(error) => debug!(%error, "inbound plaintext connection ended with an error"),
+        Ok((sent, received)) => debug!(sent, received, "inbound connection closed"),
+        Err(error) => debug!(%error, "inbound connection ended with an error"),
     }
 }
