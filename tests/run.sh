@@ -24,6 +24,7 @@ declare -A PACKAGES=(
   [tcpdump]=tcpdump
   [setpriv]=util-linux
   [python3]=python3
+  [/usr/bin/kill]=procps
 )
 missing=()
 for cmd in "${!PACKAGES[@]}"; do

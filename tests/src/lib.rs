@@ -6,6 +6,7 @@
 //!   directory and token file.
 //! - [`identity_client`]: a tonic client that trusts only the mesh's bundle.
 //! - [`http_get`]: a one-shot HTTP/1.1 GET for admin endpoints.
+//! - [`require_tool`], [`require_root`]: fail loudly when a test cannot run.
 
 #![forbid(unsafe_code)]
 
@@ -265,6 +266,24 @@ pub fn require_tool(tool: &str) {
         .is_ok_and(|s| s.success());
     assert!(
         found,
-        "this test needs `{tool}` on PATH; the test command (scripts/test.sh) installs it"
+        "this test needs `{tool}` on PATH; the test command (tests/run.sh) installs it"
+    );
+}
+
+/// Fails the calling test unless it runs as root (effective uid 0). Tests that
+/// build pods out of network namespaces need it; CI runs as root, and a test
+/// that skipped itself would hide a broken data plane.
+pub fn require_root() {
+    let status =
+        std::fs::read_to_string("/proc/self/status").expect("/proc/self/status is readable");
+    let euid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        .expect("/proc/self/status has a Uid line");
+    assert_eq!(
+        euid, "0",
+        "this test needs root (CI runs as root): it creates network namespaces, veth \
+         pairs and iptables rules inside them; run it as root, e.g. with sudo"
     );
 }
