@@ -60,3 +60,6 @@ pub fn tls_reason(error: &Error) -> &'static str {
         _ => "protocol",
     }
 }
+
+#[cfg(test)]
+mod tests;
