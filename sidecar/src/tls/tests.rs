@@ -78,7 +78,7 @@ fn hour() -> Duration {
 fn verifiers_accept_a_good_chain_and_name_each_failure() {
     let ca = ca();
     let other = self::ca();
-    let verification = Verification::new(&[ca.der.clone()], td()).expect("anchors");
+    let verification = Verification::new(std::slice::from_ref(&ca.der), td()).expect("anchors");
     let t = now();
     let good = leaf(&ca, vec![uri(ID)], t - hour(), t + hour()).0;
     for client in [true, false] {
@@ -190,7 +190,8 @@ fn the_store_refuses_bad_material_and_keeps_what_it_has() {
         t + hour(),
     );
     let (expired, expired_key) = leaf(&ca, vec![uri(ID)], t - 2 * hour(), t - hour());
-    let bad: Vec<(&str, Material, fn(&StoreError) -> bool)> = vec![
+    type Expected = fn(&StoreError) -> bool;
+    let bad: Vec<(&str, Material, Expected)> = vec![
         (
             "key of another certificate",
             material(good.clone(), &stranger_key, vec![ca.der.clone()]),
