@@ -83,8 +83,12 @@ impl ControlPlane {
             .arg(ca_dir)
             .args(["--authenticator", "static", "--static-tokens"])
             .arg(tokens)
-            .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
-            .args(["--log-level", "info"])
+            .args(if extra.contains(&"--grpc-addr") {
+                &[][..]
+            } else {
+                &["--grpc-addr", "127.0.0.1:0"][..]
+            })
+            .args(["--admin-addr", "127.0.0.1:0", "--log-level", "info"])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
