@@ -37,6 +37,18 @@ struct Mesh {
 }
 
 async fn mesh(dir: &Path, cp: ControlPlane, lifetime: &str, extra: &[&str]) -> Mesh {
+    let bundle = cp.ca_dir.join("ca.crt");
+    mesh_with_bundle(dir, cp, &bundle, lifetime, extra).await
+}
+
+/// Like [`mesh`], with the sidecars' bundle file at `bundle`.
+async fn mesh_with_bundle(
+    dir: &Path,
+    cp: ControlPlane,
+    bundle: &Path,
+    lifetime: &str,
+    extra: &[&str],
+) -> Mesh {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     for (name, token) in [("a.token", TOKEN_A), ("b.token", TOKEN_B)] {
         std::fs::write(dir.join(name), token).expect("token file");
@@ -46,7 +58,7 @@ async fn mesh(dir: &Path, cp: ControlPlane, lifetime: &str, extra: &[&str]) -> M
             "--control-plane",
             &format!("https://{}", cp.grpc_addr),
             "--bundle",
-            &cp.ca_dir.join("ca.crt").display().to_string(),
+            &bundle.display().to_string(),
             "--identity",
             identity,
             "--token-file",
@@ -471,6 +483,49 @@ async fn sidecars_ride_out_a_control_plane_outage_and_fail_closed_past_expiry() 
     tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut back))
         .await
         .expect("served again")
+        .expect("echo");
+    assert_eq!(&back, b"hello\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_added_to_or_removed_from_the_bundle_file_applies_without_a_renewal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp =
+        ControlPlane::start(dir.path(), &[(TOKEN_A, A), (TOKEN_B, B)], &[]).expect("control plane");
+    let bundle = dir.path().join("bundle.pem");
+    let root_a = std::fs::read_to_string(cp.ca_dir.join("ca.crt")).expect("root");
+    std::fs::write(&bundle, &root_a).expect("bundle file");
+    let mesh = mesh_with_bundle(dir.path(), cp, &bundle, "1h", &[]).await;
+    let roots = |s: &Sidecar| metric(&s.metrics(), "palisade_trust_bundle_roots", &[]);
+    assert_eq!((roots(&mesh.a), roots(&mesh.b)), (1.0, 1.0));
+
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("keygen");
+    let mut params = rcgen::CertificateParams::default();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let extra_root = params.self_signed(&key).expect("self-sign").pem();
+    write_atomically(&bundle, &format!("{root_a}{extra_root}"));
+    mesh.wait_for(Duration::from_secs(10), "the added root to apply", |m| {
+        roots(&m.a) == 2.0 && roots(&m.b) == 2.0
+    })
+    .await;
+    write_atomically(&bundle, &root_a);
+    mesh.wait_for(Duration::from_secs(10), "the removed root to go", |m| {
+        roots(&m.a) == 1.0 && roots(&m.b) == 1.0
+    })
+    .await;
+    assert_eq!(
+        mesh.renewals(&mesh.a) + mesh.renewals(&mesh.b),
+        2.0,
+        "no renewal was needed"
+    );
+    let mut c = TcpStream::connect(mesh.a.outbound[0])
+        .await
+        .expect("connect");
+    c.write_all(b"hello\n").await.expect("write");
+    let mut back = [0u8; 6];
+    tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut back))
+        .await
+        .expect("served")
         .expect("echo");
     assert_eq!(&back, b"hello\n");
 }

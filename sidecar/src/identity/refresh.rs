@@ -6,12 +6,15 @@
 //! All waits are tokio time, so tests run with `start_paused = true`.
 
 use std::{
+    path::Path,
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use palisade_runtime::watch::FileWatch;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject};
 use serde::Serialize;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -81,7 +84,9 @@ impl Schedule {
 
 /// Keeps a certificate from the control plane in `store`: certify, publish,
 /// sleep until the renewal point, again; on failure keep what is in use and
-/// back off. Ends at `stop`.
+/// back off. The trust bundle in use is the union of the bundle of the last
+/// response and the bundle file, which is watched: a root added to or removed
+/// from the file applies at once, without waiting for a renewal. Ends at `stop`.
 pub async fn run(
     client: IdentityClient,
     store: Arc<CertStore>,
@@ -89,13 +94,36 @@ pub async fn run(
     schedule: Schedule,
     stop: CancellationToken,
 ) {
+    let bundle_file = client.bundle_file().to_owned();
+    let mut watch = match FileWatch::new(&[bundle_file.as_path()]) {
+        Ok(w) => Some(w),
+        Err(error) => {
+            warn!(%error, file = %bundle_file.display(), "cannot watch the bundle file; its changes apply at the next renewal");
+            None
+        }
+    };
+    let mut held: Option<Held> = None;
     let mut failures = 0u32;
-    let mut last_roots: Vec<CertificateDer<'static>> = Vec::new();
+    let mut deadline = Instant::now();
     loop {
-        let wait = match renew(&client, &store, &last_roots).await {
-            Ok((configs, roots, serial)) => {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep_until(deadline) => {}
+            () = bundle_changed(&mut watch) => {
+                if let Some(held) = &mut held {
+                    republish_with_file_roots(held, &bundle_file, &store, &metrics);
+                }
+                continue;
+            }
+        }
+        let last_roots = held
+            .as_ref()
+            .map(|h| h.response_roots.clone())
+            .unwrap_or_default();
+        let wait = match renew(&client, &store, &last_roots, &bundle_file).await {
+            Ok((configs, renewed, serial)) => {
                 failures = 0;
-                last_roots = roots;
+                held = Some(renewed);
                 metrics.renewal(true);
                 metrics.certificate_installed(
                     configs.identity().as_str(),
@@ -135,9 +163,80 @@ pub async fn run(
                 wait
             }
         };
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(wait) => {}
+        deadline = Instant::now() + wait;
+    }
+}
+
+/// The certificate in use and what it was published with, so a bundle file
+/// change can be applied to it.
+struct Held {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivatePkcs8KeyDer<'static>,
+    response_roots: Vec<CertificateDer<'static>>,
+    file_roots: Vec<CertificateDer<'static>>,
+}
+
+impl Held {
+    fn material(&self) -> Material {
+        Material {
+            chain: self.chain.clone(),
+            key: PrivateKeyDer::Pkcs8(self.key.clone_key()),
+            roots: union(&self.response_roots, &self.file_roots),
+        }
+    }
+}
+
+/// Resolves when the bundle file may have changed; never without a watch.
+async fn bundle_changed(watch: &mut Option<FileWatch>) {
+    match watch {
+        Some(w) => w.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The roots in the bundle file, or why not.
+fn file_roots(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{} is not PEM: {e}", path.display()))
+}
+
+fn union(
+    a: &[CertificateDer<'static>],
+    b: &[CertificateDer<'static>],
+) -> Vec<CertificateDer<'static>> {
+    let mut all = a.to_vec();
+    for root in b {
+        if !all.contains(root) {
+            all.push(root.clone());
+        }
+    }
+    all
+}
+
+fn republish_with_file_roots(held: &mut Held, path: &Path, store: &CertStore, metrics: &Metrics) {
+    let roots = match file_roots(path) {
+        Ok(roots) if roots != held.file_roots => roots,
+        Ok(_) => return,
+        Err(error) => {
+            warn!(%error, "refused the changed bundle file; the current bundle stays in use");
+            return;
+        }
+    };
+    let previous = std::mem::replace(&mut held.file_roots, roots);
+    match store.publish(held.material(), SystemTime::now()) {
+        Ok(configs) => {
+            metrics.certificate_installed(
+                configs.identity().as_str(),
+                configs.not_after(),
+                configs.roots(),
+            );
+            info!(roots = configs.roots(), file = %path.display(), "applied the changed bundle file");
+        }
+        Err(error) => {
+            held.file_roots = previous;
+            warn!(%error, "the changed bundle file does not fit the certificate in use; keeping the current bundle");
         }
     }
 }
@@ -155,19 +254,21 @@ async fn renew(
     client: &IdentityClient,
     store: &CertStore,
     last_roots: &[CertificateDer<'static>],
-) -> Result<(Arc<TlsConfigs>, Vec<CertificateDer<'static>>, String), RenewError> {
+    bundle_file: &Path,
+) -> Result<(Arc<TlsConfigs>, Held, String), RenewError> {
     let creds = client.certify_trusting(last_roots).await?;
     let mut chain = Vec::with_capacity(1 + creds.intermediates.len());
     chain.push(creds.certificate.clone());
     chain.extend(creds.intermediates.iter().cloned());
-    let roots = creds.trust_bundle.clone();
-    let material = Material {
+    let held = Held {
         chain,
-        key: PrivateKeyDer::Pkcs8(creds.key.serialize_der().into()),
-        roots: roots.clone(),
+        key: PrivatePkcs8KeyDer::from(creds.key.serialize_der()),
+        response_roots: creds.trust_bundle.clone(),
+        // An unreadable file adds nothing; the response's bundle still applies.
+        file_roots: file_roots(bundle_file).unwrap_or_default(),
     };
-    let configs = store.publish(material, SystemTime::now())?;
-    Ok((configs, roots, creds.serial))
+    let configs = store.publish(held.material(), SystemTime::now())?;
+    Ok((configs, held, creds.serial))
 }
 
 #[cfg(test)]
