@@ -8,3 +8,6 @@ pub mod client;
 pub mod refresh;
 
 pub use self::client::{CertifyError, Credentials, IdentityClient, IdentityClientConfig};
+
+#[cfg(test)]
+mod tests;

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{CertifyError, IdentityClient};
+use super::{CertifyError, Credentials, IdentityClient};
 use crate::{
     metrics::Metrics,
     tls::{CertStore, Material, StoreError, TlsConfigs},
@@ -88,7 +88,7 @@ impl Schedule {
 /// response and the bundle file, which is watched: a root added to or removed
 /// from the file applies at once, without waiting for a renewal. Ends at `stop`.
 pub async fn run(
-    client: IdentityClient,
+    client: impl Certifier,
     store: Arc<CertStore>,
     metrics: Metrics,
     schedule: Schedule,
@@ -241,6 +241,32 @@ fn republish_with_file_roots(held: &mut Held, path: &Path, store: &CertStore, me
     }
 }
 
+/// Where renewals get their certificates: the control plane's identity
+/// client, or a stand-in in tests.
+pub trait Certifier {
+    /// A fresh key certified, trusting `extra_roots` besides the bundle file.
+    fn certify_trusting(
+        &self,
+        extra_roots: &[CertificateDer<'static>],
+    ) -> impl std::future::Future<Output = Result<Credentials, CertifyError>> + Send;
+
+    /// The bundle file to watch.
+    fn bundle_file(&self) -> &Path;
+}
+
+impl Certifier for IdentityClient {
+    fn certify_trusting(
+        &self,
+        extra_roots: &[CertificateDer<'static>],
+    ) -> impl std::future::Future<Output = Result<Credentials, CertifyError>> + Send {
+        IdentityClient::certify_trusting(self, extra_roots)
+    }
+
+    fn bundle_file(&self) -> &Path {
+        IdentityClient::bundle_file(self)
+    }
+}
+
 /// Why a renewal did not produce a certificate in use.
 #[derive(Debug, thiserror::Error)]
 pub enum RenewError {
@@ -251,7 +277,7 @@ pub enum RenewError {
 }
 
 async fn renew(
-    client: &IdentityClient,
+    client: &impl Certifier,
     store: &CertStore,
     last_roots: &[CertificateDer<'static>],
     bundle_file: &Path,
