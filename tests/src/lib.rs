@@ -50,7 +50,7 @@ pub struct ControlPlane {
     pub admin_addr: SocketAddr,
     /// The CA directory (tls.crt, tls.key, ca.crt).
     pub ca_dir: PathBuf,
-    /// The static token file.
+    /// The static token file (empty with another authenticator).
     pub tokens: PathBuf,
     log: mpsc::Receiver<String>,
 }
@@ -77,12 +77,31 @@ impl ControlPlane {
 
     /// Starts `serve` on an existing CA directory and token file.
     pub fn serve(ca_dir: &Path, tokens: &Path, extra: &[&str]) -> Result<Self> {
+        let token_flag = tokens.display().to_string();
+        let mut cp = Self::spawn(
+            ca_dir,
+            &["--authenticator", "static", "--static-tokens", &token_flag],
+            &[],
+            extra,
+        )?;
+        cp.tokens = tokens.to_owned();
+        Ok(cp)
+    }
+
+    /// Starts `serve` on an existing CA directory with the given authenticator
+    /// flags and extra environment variables.
+    pub fn spawn(
+        ca_dir: &Path,
+        authenticator: &[&str],
+        env: &[(&str, &Path)],
+        extra: &[&str],
+    ) -> Result<Self> {
         let mut child = Command::new(bin("palisade-control-plane"))
             .arg("serve")
             .arg("--ca-dir")
             .arg(ca_dir)
-            .args(["--authenticator", "static", "--static-tokens"])
-            .arg(tokens)
+            .args(authenticator)
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .args(if extra.contains(&"--grpc-addr") {
                 &[][..]
             } else {
@@ -110,7 +129,7 @@ impl ControlPlane {
             grpc_addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             admin_addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             ca_dir: ca_dir.to_owned(),
-            tokens: tokens.to_owned(),
+            tokens: PathBuf::new(),
             log,
         };
         let line = cp
