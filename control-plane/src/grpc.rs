@@ -146,7 +146,7 @@ fn issue(ca: &CaStore, names: &[String]) -> Result<(CertifiedKey, SystemTime), S
         .map_err(|e| ServingCertError::Issue(e.to_string()))?;
 
     let mut chain = vec![leaf];
-    chain.extend(issuer.chain());
+    chain.extend(issuer.chain().iter().cloned());
     let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
     let signing_key = rustls::crypto::aws_lc_rs::default_provider()
         .key_provider

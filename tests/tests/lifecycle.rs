@@ -136,6 +136,18 @@ impl Mesh {
     }
 }
 
+/// One connection through `addr` gets its line echoed within 5 s.
+async fn assert_echoes(addr: SocketAddr, what: &str) {
+    let mut c = TcpStream::connect(addr).await.expect("connect");
+    c.write_all(b"hello\n").await.expect("write");
+    let mut back = [0u8; 6];
+    tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut back))
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no echo within 5 s"))
+        .expect("echo");
+    assert_eq!(&back, b"hello\n", "{what}");
+}
+
 /// Traffic through the mesh while a test changes things underneath: new
 /// connections at a fixed rate and long-lived streams checking every byte.
 struct Load {
@@ -475,16 +487,7 @@ async fn sidecars_ride_out_a_control_plane_outage_and_fail_closed_past_expiry() 
         ready(&m.a) == 200 && ready(&m.b) == 200
     })
     .await;
-    let mut c = TcpStream::connect(mesh.a.outbound[0])
-        .await
-        .expect("connect");
-    c.write_all(b"hello\n").await.expect("write");
-    let mut back = [0u8; 6];
-    tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut back))
-        .await
-        .expect("served again")
-        .expect("echo");
-    assert_eq!(&back, b"hello\n");
+    assert_echoes(mesh.a.outbound[0], "served again").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -518,14 +521,5 @@ async fn a_root_added_to_or_removed_from_the_bundle_file_applies_without_a_renew
         2.0,
         "no renewal was needed"
     );
-    let mut c = TcpStream::connect(mesh.a.outbound[0])
-        .await
-        .expect("connect");
-    c.write_all(b"hello\n").await.expect("write");
-    let mut back = [0u8; 6];
-    tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut back))
-        .await
-        .expect("served")
-        .expect("echo");
-    assert_eq!(&back, b"hello\n");
+    assert_echoes(mesh.a.outbound[0], "served").await;
 }

@@ -35,6 +35,8 @@ pub struct Issuer {
     signer: rcgen::Issuer<'static, KeyPair>,
     certificate: CertificateDer<'static>,
     intermediates: Vec<CertificateDer<'static>>,
+    /// What a leaf needs besides itself to reach a root, computed once.
+    chain: Vec<CertificateDer<'static>>,
     bundle: Vec<CertificateDer<'static>>,
     not_after: SystemTime,
     fingerprint: String,
@@ -154,11 +156,13 @@ impl Issuer {
 
         let signer = rcgen::Issuer::from_ca_cert_der(&certificate, key)
             .map_err(|e| IssuerError::BadCertificate(e.to_string()))?;
+        let chain = chain_to_bundle(&certificate, &intermediates, &bundle);
         let issuer = Self {
             signer,
             fingerprint: hex::encode(&Sha256::digest(&certificate)[..8]),
             certificate,
             intermediates,
+            chain,
             bundle,
             not_after,
         };
@@ -182,19 +186,8 @@ impl Issuer {
 
     /// What a leaf needs besides itself to reach a root: the issuer and the
     /// intermediates above it, unless the issuer is itself a root of the bundle.
-    pub fn chain(&self) -> Vec<CertificateDer<'static>> {
-        if self.bundle.contains(&self.certificate) {
-            return Vec::new();
-        }
-        let mut chain = Vec::with_capacity(1 + self.intermediates.len());
-        chain.push(self.certificate.clone());
-        chain.extend(
-            self.intermediates
-                .iter()
-                .filter(|c| !self.bundle.contains(c))
-                .cloned(),
-        );
-        chain
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
     }
 
     /// Every root the mesh trusts.
@@ -269,6 +262,21 @@ impl fmt::Debug for Issuer {
             .field("key", &"...")
             .finish()
     }
+}
+
+/// The issuer and its intermediates, minus whatever the bundle already holds.
+fn chain_to_bundle(
+    certificate: &CertificateDer<'static>,
+    intermediates: &[CertificateDer<'static>],
+    bundle: &[CertificateDer<'static>],
+) -> Vec<CertificateDer<'static>> {
+    if bundle.contains(certificate) {
+        return Vec::new();
+    }
+    std::iter::once(certificate)
+        .chain(intermediates.iter().filter(|c| !bundle.contains(c)))
+        .cloned()
+        .collect()
 }
 
 /// Parses every certificate of a PEM file; at least one.
