@@ -35,6 +35,9 @@ struct Fake {
     lifetime: Duration,
     failures_left: AtomicU32,
     calls: Mutex<Vec<Instant>>,
+    /// The validity each successful call granted, as the certificate encodes
+    /// it (notAfter has whole seconds) from the moment of issue.
+    granted: Mutex<Vec<Duration>>,
     bundle: PathBuf,
 }
 
@@ -60,6 +63,7 @@ impl Fake {
             lifetime,
             failures_left: AtomicU32::new(failures),
             calls: Mutex::new(Vec::new()),
+            granted: Mutex::new(Vec::new()),
             bundle,
         })
     }
@@ -75,14 +79,23 @@ impl Fake {
         params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(ID.try_into()?)];
         let now = SystemTime::now();
+        let whole_seconds = (now + self.lifetime)
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .expect("after epoch")
+            .as_secs();
+        let not_after = SystemTime::UNIX_EPOCH + Duration::from_secs(whole_seconds);
+        self.granted
+            .lock()
+            .expect("lock")
+            .push(not_after.duration_since(now).unwrap_or_default());
         params.not_before = (now - Duration::from_secs(60)).into();
-        params.not_after = (now + self.lifetime).into();
+        params.not_after = not_after.into();
         let cert = params.signed_by(&key, &Issuer::from_params(&self.ca_params, &self.ca_key))?;
         Ok(Credentials {
             certificate: cert.der().clone(),
             intermediates: Vec::new(),
             trust_bundle: vec![self.ca_der.clone()],
-            not_after: now + self.lifetime,
+            not_after,
             serial: "00".into(),
             key,
         })
@@ -154,8 +167,18 @@ async fn renewals_happen_between_40_and_60_percent_of_the_lifetime() {
         "about 20 renewals in 1000 s: {}",
         intervals.len()
     );
-    for i in &intervals {
-        assert!((40.0..=60.0).contains(&secs(*i)), "renewed after {i:?}");
+    let granted = fake.granted.lock().expect("lock").clone();
+    // Each renewal comes at 40-60 % of the validity the certificate granted
+    // (up to a second under the nominal 100 s: notAfter has whole seconds),
+    // less the real time the loop took to read it (well under 50 ms).
+    for (i, interval) in intervals.iter().enumerate() {
+        let lifetime = granted[i].as_secs_f64();
+        assert!(lifetime > 99.0 && lifetime <= 100.0, "granted {lifetime} s");
+        let (lo, hi) = (0.4 * lifetime - 0.05, 0.6 * lifetime);
+        assert!(
+            (lo..=hi).contains(&secs(*interval)),
+            "renewal {i} after {interval:?}, expected {lo:.2}..{hi:.2} s"
+        );
     }
     let spread = intervals
         .iter()
