@@ -46,6 +46,19 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 
+# Python tools for the chart and webhook checks, in a venv of their own.
+export PALISADE_PYENV="$PWD/target/pyenv"
+if ! "$PALISADE_PYENV/bin/python" -c 'import helm_python, kubernetes_validate, jsonpatch, pytest, yaml' 2>/dev/null \
+   || ! cmp -s tests/requirements.txt "$PALISADE_PYENV/requirements.txt"; then
+  step "installing the Python test tools into target/pyenv"
+  python3 -m venv --clear "$PALISADE_PYENV" 2>/dev/null || {
+    # Debian splits venv support out of python3.
+    [ "$(id -u)" -eq 0 ] && apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    python3 -m venv --clear "$PALISADE_PYENV"; }
+  "$PALISADE_PYENV/bin/pip" install -q --disable-pip-version-check -r tests/requirements.txt
+  cp tests/requirements.txt "$PALISADE_PYENV/requirements.txt"
+fi
+
 # --- checks ---------------------------------------------------------------
 step "cargo fmt --check"
 cargo fmt --all -- --check

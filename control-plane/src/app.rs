@@ -24,7 +24,12 @@ use crate::{
     ca::{CaStore, Reload},
     config::{AuthenticatorConfig, ServeConfig},
     grpc::{self, ServerLimits, ServingCert},
+    inject::{
+        InjectionConfig, Injector,
+        server::{self as webhook, WebhookLimits},
+    },
     metrics::Metrics,
+    publish::BundlePublisher,
     service::IdentityService,
 };
 
@@ -38,6 +43,8 @@ pub struct App {
     registry: Registry,
     grpc: TcpListener,
     admin: TcpListener,
+    webhook: Option<(TcpListener, InjectionConfig)>,
+    publisher: Option<BundlePublisher>,
 }
 
 // === impl App ===
@@ -83,14 +90,45 @@ impl App {
         let admin = TcpListener::bind(config.admin_addr)
             .await
             .with_context(|| format!("binding the admin address {}", config.admin_addr))?;
+        let webhook = match &config.webhook {
+            None => None,
+            Some(w) => {
+                let injection = InjectionConfig::load(&w.injection_config)
+                    .context("loading the injection configuration")?;
+                let listener = TcpListener::bind(w.addr)
+                    .await
+                    .with_context(|| format!("binding the webhook address {}", w.addr))?;
+                Some((listener, injection))
+            }
+        };
+        let ca = Arc::new(ca);
+        let publisher = if config.publish.webhook_configuration.is_some()
+            || config.publish.bundle_configmap.is_some()
+        {
+            let kube_config = kube::Config::infer()
+                .await
+                .context("loading the Kubernetes client configuration (needed by --webhook-configuration and --bundle-configmap)")?;
+            let client =
+                kube::Client::try_from(kube_config).context("building the Kubernetes client")?;
+            Some(BundlePublisher::new(
+                config.publish.clone(),
+                client,
+                ca.clone(),
+                metrics.clone(),
+            ))
+        } else {
+            None
+        };
         Ok(Self {
             config,
-            ca: Arc::new(ca),
+            ca,
             authenticator: Arc::new(authenticator),
             metrics,
             registry,
             grpc,
             admin,
+            webhook,
+            publisher,
         })
     }
 
@@ -102,6 +140,11 @@ impl App {
     /// The bound admin address.
     pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
         self.admin.local_addr()
+    }
+
+    /// The bound webhook address, when the webhook is enabled.
+    pub fn webhook_addr(&self) -> Option<std::io::Result<SocketAddr>> {
+        self.webhook.as_ref().map(|(l, _)| l.local_addr())
     }
 
     /// Serves until `shutdown`, then drains for at most the configured grace.
@@ -117,6 +160,8 @@ impl App {
             registry,
             grpc,
             admin,
+            webhook,
+            publisher,
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let stopped = move || {
@@ -137,7 +182,7 @@ impl App {
         let admin_addr = admin.local_addr()?;
 
         let mut tasks = JoinSet::new();
-        tasks.spawn(serving.maintain(ca.clone(), stopped()));
+        tasks.spawn(serving.clone().maintain(ca.clone(), stopped()));
         tasks.spawn(watch_ca(ca.clone(), metrics.clone(), stopped()));
         if let Authenticator::Static(_) = &*authenticator {
             tasks.spawn(watch_tokens(
@@ -145,6 +190,45 @@ impl App {
                 metrics.clone(),
                 stopped(),
             ));
+        }
+
+        let namespaces = match publisher {
+            Some(publisher) => {
+                let (tx, rx) = tokio::sync::mpsc::channel(256);
+                tasks.spawn(publisher.run(rx, stopped()));
+                Some(tx)
+            }
+            None => None,
+        };
+        let mut webhook_server = None;
+        if let (Some((listener, injection)), Some(w)) = (webhook, &config.webhook) {
+            let injector = Arc::new(Injector::new(
+                injection,
+                config.trust_domain.clone(),
+                metrics.clone(),
+                namespaces,
+            ));
+            let tls = webhook::server_tls(serving.clone())
+                .context("building the webhook TLS configuration")?;
+            let limits = WebhookLimits {
+                handshake_timeout: config.handshake_timeout,
+                max_connections: 256,
+                drain: config.shutdown_grace,
+            };
+            info!(webhook = %listener.local_addr()?, config = %w.injection_config.display(), "serving the injection webhook");
+            tasks.spawn(watch_injection_config(
+                injector.clone(),
+                w.injection_config.clone(),
+                metrics.clone(),
+                stopped(),
+            ));
+            webhook_server = Some(tokio::spawn(webhook::serve(
+                listener,
+                tls,
+                injector,
+                limits,
+                stopped(),
+            )));
         }
 
         let admin_state = AdminState {
@@ -182,6 +266,9 @@ impl App {
         let drained = tokio::time::timeout(config.shutdown_grace, async {
             let grpc = grpc_server.await;
             let admin = admin_server.await;
+            if let Some(webhook) = webhook_server {
+                let _ = webhook.await;
+            }
             (grpc, admin)
         })
         .await;
@@ -220,6 +307,29 @@ async fn watch_ca(ca: Arc<CaStore>, metrics: Metrics, stop: impl Future<Output =
                 keeping_not_after = %humantime::format_rfc3339_seconds(current.not_after()),
                 "refused the changed CA directory; the current issuer keeps signing"
             );
+        }
+    })
+    .await;
+}
+
+/// Reloads the injection configuration when it changes; a bad edit keeps the
+/// previous one.
+async fn watch_injection_config(
+    injector: Arc<Injector>,
+    path: std::path::PathBuf,
+    metrics: Metrics,
+    stop: impl Future<Output = ()>,
+) {
+    reload_on_change(&path, stop, || match InjectionConfig::load(&path) {
+        Ok(config) if config == *injector.config() => {}
+        Ok(config) => {
+            injector.set_config(config);
+            metrics.reloaded("injection_config", true);
+            info!(file = %path.display(), "reloaded the injection configuration");
+        }
+        Err(error) => {
+            metrics.reloaded("injection_config", false);
+            warn!(%error, "refused the changed injection configuration; the previous one stays in use");
         }
     })
     .await;

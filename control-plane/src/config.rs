@@ -9,7 +9,10 @@ use serde::Serialize;
 
 use palisade_runtime::telemetry::LogConfig;
 
-use crate::{authn::kubernetes::KubernetesConfig, ca::LifetimePolicy};
+use crate::{
+    authn::kubernetes::KubernetesConfig, ca::LifetimePolicy, inject::config::is_dns_label,
+    publish::PublishConfig,
+};
 
 /// The mesh certificate authority: issues short-lived SPIFFE certificates to
 /// sidecars over gRPC.
@@ -141,6 +144,21 @@ pub struct ServeArgs {
     /// On SIGTERM/SIGINT, in-flight calls get this long to finish.
     #[arg(long, env = "PALISADE_SHUTDOWN_GRACE", default_value = "15s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// Injection configuration (YAML); when set, the sidecar-injection webhook is served on --webhook-addr. Watched for changes.
+    #[arg(long, env = "PALISADE_INJECTION_CONFIG", value_name = "FILE")]
+    pub injection_config: Option<PathBuf>,
+    /// Address of the injection webhook (HTTPS, path /inject).
+    #[arg(long, env = "PALISADE_WEBHOOK_ADDR", default_value = "0.0.0.0:15017")]
+    pub webhook_addr: SocketAddr,
+    /// MutatingWebhookConfiguration whose webhooks' caBundle is kept equal to the trust bundle.
+    #[arg(long, env = "PALISADE_WEBHOOK_CONFIGURATION", value_name = "NAME")]
+    pub webhook_configuration: Option<String>,
+    /// ConfigMap (key ca.crt) written into every namespace labelled palisade.io/inject=enabled.
+    #[arg(long, env = "PALISADE_BUNDLE_CONFIGMAP", value_name = "NAME")]
+    pub bundle_configmap: Option<String>,
+    /// How often the webhook caBundle and the bundle ConfigMaps are re-checked without a change.
+    #[arg(long, env = "PALISADE_PUBLISH_RESYNC", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub publish_resync: Duration,
     /// Log filter (`info`, `debug`, `palisade_control_plane=debug,info`, ...).
     #[arg(long, env = "PALISADE_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -169,7 +187,18 @@ pub struct ServeConfig {
     pub max_pending_handshakes: usize,
     #[serde(with = "duration_text")]
     pub shutdown_grace: Duration,
+    /// The injection webhook, when enabled.
+    pub webhook: Option<WebhookConfig>,
+    /// Where the trust bundle is published in the cluster.
+    pub publish: PublishConfig,
     pub log: LogConfig,
+}
+
+/// The injection webhook's listener and configuration file.
+#[derive(Clone, Debug, Serialize)]
+pub struct WebhookConfig {
+    pub addr: SocketAddr,
+    pub injection_config: PathBuf,
 }
 
 /// The authenticator and its settings.
@@ -266,6 +295,28 @@ impl ServeArgs {
                 })
             }
         };
+        for (flag, name) in [
+            ("--webhook-configuration", &self.webhook_configuration),
+            ("--bundle-configmap", &self.bundle_configmap),
+        ] {
+            if let Some(name) = name
+                && !is_dns_label(name)
+                && !name.split('.').all(is_dns_label)
+            {
+                return Err(err(
+                    flag,
+                    name.clone(),
+                    "is not a Kubernetes object name (lowercase letters, digits, '-', '.')",
+                ));
+            }
+        }
+        if self.publish_resync < Duration::from_secs(1) {
+            return Err(err(
+                "--publish-resync",
+                fmt(self.publish_resync),
+                "must be at least 1s",
+            ));
+        }
         Ok(ServeConfig {
             ca_dir: self.ca_dir,
             grpc_addr: self.grpc_addr,
@@ -290,6 +341,16 @@ impl ServeArgs {
             signing_queue_timeout: self.signing_queue_timeout,
             max_pending_handshakes: self.max_pending_handshakes.max(1),
             shutdown_grace: self.shutdown_grace,
+            webhook: self.injection_config.map(|injection_config| WebhookConfig {
+                addr: self.webhook_addr,
+                injection_config,
+            }),
+            publish: PublishConfig {
+                webhook_configuration: self.webhook_configuration,
+                bundle_configmap: self.bundle_configmap,
+                resync: self.publish_resync,
+                request_timeout: self.kube_timeout,
+            },
             log: LogConfig {
                 level: self.log_level,
                 json: self.log_format == LogFormat::Json,
@@ -344,6 +405,15 @@ mod tests {
             (&["--static-tokens", "/t"][..], "--static-tokens /t"),
             (&["--trust-domain", "Bad:Domain"][..], "--trust-domain"),
             (&["--max-lifetime", "soon"][..], "--max-lifetime"),
+            (
+                &["--bundle-configmap", "Trust_Bundle"][..],
+                "--bundle-configmap",
+            ),
+            (
+                &["--webhook-configuration", "x-"][..],
+                "--webhook-configuration",
+            ),
+            (&["--publish-resync", "0s"][..], "--publish-resync"),
         ] {
             let err = parse(args).expect_err("invalid");
             assert!(err.contains(needle), "{args:?}: {err}");

@@ -10,6 +10,9 @@
 //! - [`authn`]: the `static` and `kubernetes` token authenticators.
 //! - [`service`]: the `Identity` gRPC service.
 //! - [`grpc`]: the TLS gRPC server and its self-issued serving certificate.
+//! - [`inject`]: the sidecar-injection webhook (HTTPS, 15017).
+//! - [`publish`]: writes the trust bundle into the cluster (webhook `caBundle`,
+//!   per-namespace ConfigMaps).
 //! - [`metrics`]: the Prometheus metrics.
 
 #![forbid(unsafe_code)]
@@ -19,7 +22,9 @@ pub mod authn;
 pub mod ca;
 pub mod config;
 pub mod grpc;
+pub mod inject;
 pub mod metrics;
+pub mod publish;
 pub mod service;
 #[cfg(test)]
 pub(crate) mod testing;

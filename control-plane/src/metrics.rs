@@ -15,6 +15,9 @@ pub struct Metrics {
     bundle_roots: IntGauge,
     authn_failures: IntCounterVec,
     reloads: IntCounterVec,
+    reviews: IntCounterVec,
+    review_duration: Histogram,
+    publications: IntCounterVec,
 }
 
 // === impl Metrics ===
@@ -60,13 +63,39 @@ impl Metrics {
             ),
             &["source", "result"],
         )?;
-        let collectors: [Box<dyn Collector>; 6] = [
+        let reviews = IntCounterVec::new(
+            Opts::new(
+                "palisade_webhook_reviews_total",
+                "AdmissionReviews answered by the injection webhook, by result (injected, skipped, denied, invalid) and reason.",
+            ),
+            &["result", "reason"],
+        )?;
+        let review_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "palisade_webhook_review_duration_seconds",
+                "Time to answer one AdmissionReview, from the parsed body to the response.",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05,
+            ]),
+        )?;
+        let publications = IntCounterVec::new(
+            Opts::new(
+                "palisade_bundle_publications_total",
+                "Writes of the trust bundle into the cluster, by target (webhook_ca_bundle, configmap) and result.",
+            ),
+            &["target", "result"],
+        )?;
+        let collectors: [Box<dyn Collector>; 9] = [
             Box::new(issued.clone()),
             Box::new(issue_duration.clone()),
             Box::new(issuer_expiration.clone()),
             Box::new(bundle_roots.clone()),
             Box::new(authn_failures.clone()),
             Box::new(reloads.clone()),
+            Box::new(reviews.clone()),
+            Box::new(review_duration.clone()),
+            Box::new(publications.clone()),
         ];
         for c in collectors {
             registry.register(c)?;
@@ -80,6 +109,9 @@ impl Metrics {
             bundle_roots,
             authn_failures,
             reloads,
+            reviews,
+            review_duration,
+            publications,
         })
     }
 
@@ -114,5 +146,17 @@ impl Metrics {
     pub fn reloaded(&self, source: &'static str, ok: bool) {
         let result = if ok { "success" } else { "failure" };
         self.reloads.with_label_values(&[source, result]).inc();
+    }
+
+    /// Counts an answered AdmissionReview and its duration.
+    pub fn review_finished(&self, result: &'static str, reason: &'static str, elapsed: Duration) {
+        self.reviews.with_label_values(&[result, reason]).inc();
+        self.review_duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a write of the trust bundle into the cluster.
+    pub fn published(&self, target: &'static str, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.publications.with_label_values(&[target, result]).inc();
     }
 }

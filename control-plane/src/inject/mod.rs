@@ -1,0 +1,268 @@
+//! Sidecar injection: the mutating admission webhook served on 15017.
+//!
+//! The API server sends an `AdmissionReview` for every pod created in a
+//! namespace labelled `palisade.io/inject=enabled`. The answer is a JSONPatch
+//! that adds the iptables init container and the sidecar (a native sidecar:
+//! an init container with `restartPolicy: Always`), the projected token and
+//! the trust-bundle volume. Pods that opted out, use the host network or are
+//! already injected are allowed unchanged; a pod whose `palisade.io/*`
+//! annotations do not parse is refused with a message naming the annotation.
+//!
+//! - [`config`]: the injection configuration file (images, resources, defaults).
+//! - [`patch`]: reads a pod and builds the patch.
+//! - [`server`]: the HTTPS server.
+
+use std::{sync::Arc, time::Instant};
+
+use arc_swap::ArcSwap;
+use base64::Engine;
+use http::StatusCode;
+use kube::core::{
+    DynamicObject,
+    admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation},
+};
+use palisade_proto::TrustDomain;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::metrics::Metrics;
+
+pub mod config;
+pub mod patch;
+pub mod server;
+#[cfg(test)]
+mod tests;
+
+pub use config::InjectionConfig;
+pub use patch::{Decision, PodError};
+
+/// The only AdmissionReview version this webhook speaks.
+pub const ADMISSION_V1: &str = "admission.k8s.io/v1";
+
+/// Answers AdmissionReviews with the current injection configuration.
+#[derive(Debug)]
+pub struct Injector {
+    config: ArcSwap<InjectionConfig>,
+    trust_domain: TrustDomain,
+    metrics: Metrics,
+    /// Namespaces that just got an injected pod: the bundle publisher makes
+    /// sure their trust-bundle ConfigMap exists.
+    namespaces: Option<mpsc::Sender<String>>,
+}
+
+/// An HTTP answer to one webhook call.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub review: AdmissionReview<DynamicObject>,
+}
+
+// === impl Reply ===
+
+impl Reply {
+    /// The JSON body: the AdmissionReview with `response.patch` as base64
+    /// text, the form the API documents (kube serializes the bytes as a list
+    /// of numbers, which Go happens to accept, but other readers do not).
+    pub fn body(&self) -> Value {
+        let mut body = serde_json::to_value(&self.review).unwrap_or(Value::Null);
+        if let Some(patch) = self.review.response.as_ref().and_then(|r| r.patch.as_ref()) {
+            body["response"]["patch"] =
+                Value::String(base64::engine::general_purpose::STANDARD.encode(patch));
+        }
+        body
+    }
+}
+
+// === impl Injector ===
+
+impl Injector {
+    /// An injector for the mesh `trust_domain`.
+    pub fn new(
+        config: InjectionConfig,
+        trust_domain: TrustDomain,
+        metrics: Metrics,
+        namespaces: Option<mpsc::Sender<String>>,
+    ) -> Self {
+        Self {
+            config: ArcSwap::from_pointee(config),
+            trust_domain,
+            metrics,
+            namespaces,
+        }
+    }
+
+    /// Replaces the injection configuration; pods admitted from now on get the new one.
+    pub fn set_config(&self, config: InjectionConfig) {
+        self.config.store(Arc::new(config));
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> Arc<InjectionConfig> {
+        self.config.load_full()
+    }
+
+    /// Answers one webhook call whose body is `body`.
+    pub fn review(&self, body: &[u8]) -> Reply {
+        let started = Instant::now();
+        let (reply, result, reason) = self.answer(body);
+        self.metrics
+            .review_finished(result, reason, started.elapsed());
+        reply
+    }
+
+    fn answer(&self, body: &[u8]) -> (Reply, &'static str, &'static str) {
+        let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
+            Ok(review) => review,
+            Err(e) => {
+                // serde's message can quote the offending value, and a pod's
+                // env may hold secrets: say where, not what.
+                let why = format!(
+                    "malformed AdmissionReview: invalid JSON ({:?} error at line {}, column {})",
+                    e.classify(),
+                    e.line(),
+                    e.column()
+                );
+                warn!(error = %why, "refused a webhook call");
+                return (bad_request(&why), "invalid", "malformed");
+            }
+        };
+        if review.types.api_version != ADMISSION_V1 || review.types.kind != "AdmissionReview" {
+            let why = format!(
+                "unsupported {} {:?}: this webhook speaks AdmissionReview {ADMISSION_V1} \
+                 (set admissionReviewVersions: [v1])",
+                if review.types.kind == "AdmissionReview" {
+                    "AdmissionReview apiVersion"
+                } else {
+                    "kind"
+                },
+                shorten(if review.types.kind == "AdmissionReview" {
+                    &review.types.api_version
+                } else {
+                    &review.types.kind
+                }),
+            );
+            warn!(error = %why, "refused a webhook call");
+            return (bad_request(&why), "invalid", "unsupported_version");
+        }
+        let request: AdmissionRequest<DynamicObject> = match review.try_into() {
+            Ok(request) => request,
+            Err(_) => {
+                let why = "malformed AdmissionReview: no request in it";
+                warn!(error = why, "refused a webhook call");
+                return (bad_request(why), "invalid", "malformed");
+            }
+        };
+
+        let response = AdmissionResponse::from(&request);
+        let is_pod = request.kind.group.is_empty()
+            && request.kind.kind == "Pod"
+            && request
+                .sub_resource
+                .as_deref()
+                .unwrap_or_default()
+                .is_empty();
+        let object = match (&request.operation, is_pod, &request.object) {
+            (Operation::Create, true, Some(object)) => object,
+            _ => {
+                debug!(uid = %request.uid, kind = %request.kind.kind, op = ?request.operation, "not a pod creation; allowed unchanged");
+                return (ok(response), "skipped", "not_pod_create");
+            }
+        };
+        let pod = match serde_json::to_value(object) {
+            Ok(pod) => pod,
+            Err(_) => {
+                return (
+                    bad_request("the object is not JSON"),
+                    "invalid",
+                    "malformed",
+                );
+            }
+        };
+        let namespace = request
+            .namespace
+            .clone()
+            .filter(|ns| !ns.is_empty())
+            .or_else(|| {
+                pod.pointer("/metadata/namespace")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            });
+        let Some(namespace) = namespace else {
+            let why = "the request names no namespace";
+            return (ok(response.deny(why)), "denied", "bad_request");
+        };
+        let name = pod_name(&pod, &request.name);
+
+        let config = self.config.load();
+        match patch::decide(&pod, &namespace, &self.trust_domain, &config) {
+            Ok(Decision::Inject { identity, patch }) => {
+                let ops = patch.0.len();
+                match response.clone().with_patch(patch) {
+                    Ok(response) => {
+                        info!(uid = %request.uid, pod = %name, %namespace, %identity, ops, dry_run = request.dry_run, "injected the sidecar");
+                        if !request.dry_run
+                            && let Some(tx) = &self.namespaces
+                        {
+                            // The publisher is behind; its periodic pass covers it.
+                            let _ = tx.try_send(namespace);
+                        }
+                        (ok(response), "injected", "injected")
+                    }
+                    Err(_) => {
+                        let why = "internal error: cannot serialize the patch";
+                        (ok(response.deny(why)), "denied", "internal")
+                    }
+                }
+            }
+            Ok(Decision::Skip(reason)) => {
+                debug!(uid = %request.uid, pod = %name, %namespace, reason = reason.as_str(), "allowed without injection");
+                (ok(response), "skipped", reason.as_str())
+            }
+            Err(error) => {
+                info!(uid = %request.uid, pod = %name, %namespace, %error, "refused the pod");
+                let reason = error.reason();
+                let mut response = response.deny(format!("palisade sidecar injection: {error}"));
+                response.result.code = 400;
+                response.result.reason = "BadRequest".to_owned();
+                (ok(response), "denied", reason)
+            }
+        }
+    }
+}
+
+/// The pod's name for logs: its name, else its generateName.
+fn pod_name(pod: &Value, request_name: &str) -> String {
+    if !request_name.is_empty() {
+        return request_name.to_owned();
+    }
+    pod.pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .or_else(|| {
+            pod.pointer("/metadata/generateName")
+                .and_then(Value::as_str)
+        })
+        .unwrap_or("<unnamed>")
+        .to_owned()
+}
+
+fn ok(response: AdmissionResponse) -> Reply {
+    Reply {
+        status: StatusCode::OK,
+        review: response.into_review(),
+    }
+}
+
+fn bad_request(why: &str) -> Reply {
+    let mut response = AdmissionResponse::invalid(why);
+    response.result.code = 400;
+    Reply {
+        status: StatusCode::BAD_REQUEST,
+        review: response.into_review(),
+    }
+}
+
+/// At most 64 characters of a caller-chosen string, for messages.
+fn shorten(s: &str) -> String {
+    s.chars().take(64).collect()
+}
