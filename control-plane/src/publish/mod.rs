@@ -275,7 +275,10 @@ impl BundlePublisher {
             .iter()
             .map(|c| pem::Pem::new("CERTIFICATE", c.to_vec()))
             .collect();
-        pem::encode_many(&blocks)
+        pem::encode_many_config(
+            &blocks,
+            pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+        )
     }
 
     async fn call<T>(
