@@ -201,6 +201,10 @@ impl App {
             None => None,
         };
         let mut webhook_server = None;
+        let webhook_addr = match &webhook {
+            Some((listener, _)) => listener.local_addr()?.to_string(),
+            None => "off".to_owned(),
+        };
         if let (Some((listener, injection)), Some(w)) = (webhook, &config.webhook) {
             let injector = Arc::new(Injector::new(
                 injection,
@@ -215,7 +219,7 @@ impl App {
                 max_connections: 256,
                 drain: config.shutdown_grace,
             };
-            info!(webhook = %listener.local_addr()?, config = %w.injection_config.display(), "serving the injection webhook");
+            info!(config = %w.injection_config.display(), "injection webhook enabled");
             tasks.spawn(watch_injection_config(
                 injector.clone(),
                 w.injection_config.clone(),
@@ -257,7 +261,7 @@ impl App {
         };
         let grpc_server = tokio::spawn(grpc::serve(grpc, tls, service, limits, stopped()));
         ready.store(true, Ordering::Release);
-        info!(grpc = %grpc_addr, admin = %admin_addr, trust_domain = %config.trust_domain, "serving");
+        info!(grpc = %grpc_addr, admin = %admin_addr, webhook = %webhook_addr, trust_domain = %config.trust_domain, "serving");
 
         shutdown.await;
         info!(grace = ?config.shutdown_grace, "shutting down: draining in-flight requests");

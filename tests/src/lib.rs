@@ -48,6 +48,8 @@ pub struct ControlPlane {
     pub grpc_addr: SocketAddr,
     /// Where the admin endpoints are served.
     pub admin_addr: SocketAddr,
+    /// Where the injection webhook is served, when enabled.
+    pub webhook_addr: Option<SocketAddr>,
     /// The CA directory (tls.crt, tls.key, ca.crt).
     pub ca_dir: PathBuf,
     /// The static token file (empty with another authenticator).
@@ -128,6 +130,7 @@ impl ControlPlane {
             child,
             grpc_addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             admin_addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            webhook_addr: None,
             ca_dir: ca_dir.to_owned(),
             tokens: PathBuf::new(),
             log,
@@ -137,6 +140,7 @@ impl ControlPlane {
             .context("the control plane did not start")?;
         cp.grpc_addr = field(&line, "grpc=")?;
         cp.admin_addr = field(&line, "admin=")?;
+        cp.webhook_addr = field(&line, "webhook=").ok();
         Ok(cp)
     }
 
