@@ -69,6 +69,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "building the binaries the whole-system tests start"
 cargo build --workspace --bins --locked
 
+step "Helm chart: render, lint, Kubernetes 1.33 schemas, and the control plane run with what it renders"
+"$PALISADE_PYENV/bin/python" -m pytest tests/chart -q -p no:cacheprovider
+
 step "unit and whole-system tests"
 profile=default
 [ "${CI:-}" = "true" ] && profile=ci
