@@ -318,6 +318,10 @@ fn sidecar_container(config: &InjectionConfig, s: &Settings<'_>) -> Value {
         env_var("PALISADE_TOKEN_FILE", &format!("{TOKEN_DIR}/token")),
         env_var("PALISADE_BUNDLE", &format!("{BUNDLE_DIR}/ca.crt")),
         env_var("PALISADE_INBOUND_MODE", s.mode.as_str()),
+        // Both families: init captures IPv6 too, and a pod without IPv6 just
+        // skips those listeners.
+        env_var("PALISADE_OUTBOUND_ADDR", "127.0.0.1:15001,[::1]:15001"),
+        env_var("PALISADE_INBOUND_ADDR", "0.0.0.0:15006,[::]:15006"),
         env_var("PALISADE_LOG_LEVEL", &sidecar.log_level),
         env_var("PALISADE_LOG_JSON", "true"),
     ];

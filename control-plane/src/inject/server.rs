@@ -17,7 +17,7 @@ use axum::{
     routing::post,
 };
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{conn::auto, graceful::GracefulShutdown},
     service::TowerToHyperService,
 };
@@ -111,7 +111,12 @@ pub async fn serve(
                 Ok(Err(error)) => return debug!(%peer, %error, "webhook TLS handshake failed"),
                 Err(_) => return debug!(%peer, "webhook TLS handshake timed out"),
             };
-            let builder = auto::Builder::new(TokioExecutor::new());
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            // A client that never finishes its headers holds a slot only this long.
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeout);
             let conn = builder.serve_connection(TokioIo::new(tls), service);
             if let Err(error) = watcher.watch(conn.into_owned()).await {
                 debug!(%peer, %error, "webhook connection ended with an error");
