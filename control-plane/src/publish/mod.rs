@@ -43,6 +43,8 @@ mod tests;
 
 /// The namespace label that turns injection on.
 pub const INJECT_LABEL: &str = "palisade.io/inject=enabled";
+/// A failed pass is retried after this long.
+const RETRY: Duration = Duration::from_secs(10);
 /// Field manager of the server-side applies.
 pub const FIELD_MANAGER: &str = "palisade-control-plane";
 
@@ -119,8 +121,14 @@ impl BundlePublisher {
         let mut next_full = Instant::now();
         loop {
             if Instant::now() >= next_full {
-                self.publish_all().await;
-                next_full = Instant::now() + self.config.resync;
+                // A failed pass (API server restarting, RBAC not yet bound on
+                // a fresh install) is retried soon, not at the next resync.
+                let wait = if self.publish_all().await {
+                    self.config.resync
+                } else {
+                    self.config.resync.min(RETRY)
+                };
+                next_full = Instant::now() + wait;
             }
             let wait = next_full.saturating_duration_since(Instant::now());
             tokio::select! {
@@ -139,26 +147,32 @@ impl BundlePublisher {
         }
     }
 
-    /// One full pass: the webhook's `caBundle` and every namespace's ConfigMap.
-    pub async fn publish_all(&mut self) {
+    /// One full pass: the webhook's `caBundle` and every namespace's
+    /// ConfigMap. Returns whether every write succeeded.
+    pub async fn publish_all(&mut self) -> bool {
+        let mut ok = true;
         if let Err(error) = self.publish_webhook_ca_bundle().await {
-            warn!(%error, "cannot update the webhook's caBundle; retrying at the next resync");
+            ok = false;
+            warn!(%error, retry_in = ?RETRY, "cannot update the webhook's caBundle");
         }
         if self.config.bundle_configmap.is_some() {
             match self.injected_namespaces().await {
                 Ok(namespaces) => {
                     for ns in namespaces {
                         if let Err(error) = self.ensure_configmap(&ns).await {
+                            ok = false;
                             warn!(namespace = %ns, %error, "cannot write the trust bundle ConfigMap");
                         }
                     }
                 }
                 Err(error) => {
+                    ok = false;
                     self.metrics.published("configmap", false);
-                    warn!(%error, "cannot list the injection-enabled namespaces");
+                    warn!(%error, retry_in = ?RETRY, "cannot list the injection-enabled namespaces");
                 }
             }
         }
+        ok
     }
 
     /// Sets `caBundle` on every webhook of the configuration that lacks the

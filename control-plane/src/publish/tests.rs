@@ -307,7 +307,7 @@ async fn an_api_server_that_refuses_is_counted_and_retried() {
         ..
     } = fixture().await;
     api.lock().expect("lock").fail_with = Some(403);
-    publisher.publish_all().await;
+    assert!(!publisher.publish_all().await, "a failed pass says so");
     let err = publisher
         .ensure_configmap("shop")
         .await
@@ -322,7 +322,7 @@ async fn an_api_server_that_refuses_is_counted_and_retried() {
 
     // Once the API server answers again, the same publisher catches up.
     api.lock().expect("lock").fail_with = None;
-    publisher.publish_all().await;
+    assert!(publisher.publish_all().await);
     assert_eq!(api.lock().expect("lock").applies.len(), 2);
     assert_eq!(published(&registry, "webhook_ca_bundle", "success"), 1);
 }
