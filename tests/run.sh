@@ -25,6 +25,7 @@ declare -A PACKAGES=(
   [setpriv]=util-linux
   [python3]=python3
   [/usr/bin/kill]=procps
+  [promtool]=prometheus
 )
 missing=()
 for cmd in "${!PACKAGES[@]}"; do
@@ -34,8 +35,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   step "installing ${missing[*]}"
   if [ "$(id -u)" -eq 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
+    # Packages with a daemon (prometheus) must not start it: the tests start
+    # their own, on loopback, and stop them.
+    policy_rc_d=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+      policy_rc_d=/usr/sbin/policy-rc.d
+    fi
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    if [ -n "$policy_rc_d" ]; then rm -f "$policy_rc_d"; fi
   else
     echo "!!! missing ${missing[*]} and not root: install them (apt-get install ${missing[*]}) or run as root" >&2
     exit 1
@@ -71,6 +80,9 @@ cargo build --workspace --bins --locked
 
 step "Helm chart: render, lint, Kubernetes 1.33 schemas, and the control plane run with what it renders"
 "$PALISADE_PYENV/bin/python" -m pytest tests/chart -q -p no:cacheprovider
+
+step "alert rules (promtool test rules) and the Grafana dashboard"
+"$PALISADE_PYENV/bin/python" -m pytest tests/monitoring -q -p no:cacheprovider
 
 step "unit and whole-system tests"
 profile=default

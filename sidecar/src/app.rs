@@ -263,7 +263,7 @@ fn reload_credentials(dir: &std::path::Path, store: &CertStore, metrics: &Metric
             metrics.renewal(true);
             metrics.certificate_installed(
                 configs.identity().as_str(),
-                configs.not_after(),
+                (configs.not_before(), configs.not_after()),
                 configs.roots(),
             );
             info!(

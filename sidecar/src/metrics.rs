@@ -31,6 +31,7 @@ pub struct Metrics {
     bytes: IntCounterVec,
     authz_denied: IntCounterVec,
     cert_expiration: GaugeVec,
+    cert_not_before: GaugeVec,
     renewals: IntCounterVec,
     bundle_roots: IntGauge,
 }
@@ -124,7 +125,14 @@ impl Metrics {
             "palisade_trust_bundle_roots",
             "Roots in the trust bundle in use.",
         )?;
-        let collectors: [Box<dyn Collector>; 9] = [
+        let cert_not_before = GaugeVec::new(
+            Opts::new(
+                "palisade_cert_not_before_timestamp_seconds",
+                "notBefore of the certificate in use (Unix time); with the expiration, its lifetime.",
+            ),
+            &["identity"],
+        )?;
+        let collectors: [Box<dyn Collector>; 10] = [
             Box::new(handshakes.clone()),
             Box::new(handshake_duration.clone()),
             Box::new(opened.clone()),
@@ -132,11 +140,16 @@ impl Metrics {
             Box::new(bytes.clone()),
             Box::new(authz_denied.clone()),
             Box::new(cert_expiration.clone()),
+            Box::new(cert_not_before.clone()),
             Box::new(renewals.clone()),
             Box::new(bundle_roots.clone()),
         ];
         for c in collectors {
             registry.register(c)?;
+        }
+        // Present from the start, so increase() and absence checks see a zero.
+        for result in ["success", "failure"] {
+            renewals.with_label_values(&[result]);
         }
         for d in [Direction::Inbound, Direction::Outbound] {
             active.with_label_values(&[d.as_str()]);
@@ -150,6 +163,7 @@ impl Metrics {
             bytes,
             authz_denied,
             cert_expiration,
+            cert_not_before,
             renewals,
             bundle_roots,
         })
@@ -203,15 +217,26 @@ impl Metrics {
     }
 
     /// Records the certificate now in use.
-    pub fn certificate_installed(&self, identity: &str, not_after: SystemTime, roots: usize) {
-        let secs = not_after
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or_default();
+    pub fn certificate_installed(
+        &self,
+        identity: &str,
+        (not_before, not_after): (SystemTime, SystemTime),
+        roots: usize,
+    ) {
+        let unix = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or_default()
+        };
+        // One identity per sidecar: a changed identity replaces the old series.
         self.cert_expiration.reset();
         self.cert_expiration
             .with_label_values(&[identity])
-            .set(secs);
+            .set(unix(not_after));
+        self.cert_not_before.reset();
+        self.cert_not_before
+            .with_label_values(&[identity])
+            .set(unix(not_before));
         self.bundle_roots
             .set(i64::try_from(roots).unwrap_or(i64::MAX));
     }

@@ -127,7 +127,7 @@ pub async fn run(
                 metrics.renewal(true);
                 metrics.certificate_installed(
                     configs.identity().as_str(),
-                    configs.not_after(),
+                    (configs.not_before(), configs.not_after()),
                     configs.roots(),
                 );
                 let lifetime = configs
@@ -229,7 +229,7 @@ fn republish_with_file_roots(held: &mut Held, path: &Path, store: &CertStore, me
         Ok(configs) => {
             metrics.certificate_installed(
                 configs.identity().as_str(),
-                configs.not_after(),
+                (configs.not_before(), configs.not_after()),
                 configs.roots(),
             );
             info!(roots = configs.roots(), file = %path.display(), "applied the changed bundle file");

@@ -43,6 +43,7 @@ pub struct Material {
 /// The published TLS configurations for one certificate and bundle.
 pub struct TlsConfigs {
     identity: SpiffeId,
+    not_before: SystemTime,
     not_after: SystemTime,
     roots: usize,
     bundle: Vec<CertificateDer<'static>>,
@@ -200,11 +201,12 @@ impl TlsConfigs {
             .verify(leaf, intermediates, unix_now, true)
             .and_then(|_| verification.verify(leaf, intermediates, unix_now, false))
             .map_err(|e| StoreError::Untrusted(e.to_string()))?;
-        let not_after =
-            not_after(leaf).ok_or_else(|| StoreError::Untrusted("no notAfter".into()))?;
+        let (not_before, not_after) =
+            validity(leaf).ok_or_else(|| StoreError::Untrusted("no validity".into()))?;
 
         let mut configs = Self {
             identity,
+            not_before,
             not_after,
             roots: material.roots.len(),
             bundle: material.roots,
@@ -243,6 +245,11 @@ impl TlsConfigs {
     /// Our identity.
     pub fn identity(&self) -> &SpiffeId {
         &self.identity
+    }
+
+    /// Our certificate's notBefore.
+    pub fn not_before(&self) -> SystemTime {
+        self.not_before
     }
 
     /// Our certificate's notAfter.
@@ -334,11 +341,19 @@ fn client_config(
     Ok(config)
 }
 
-fn not_after(der: &CertificateDer<'_>) -> Option<SystemTime> {
+/// notBefore and notAfter of a certificate.
+fn validity(der: &CertificateDer<'_>) -> Option<(SystemTime, SystemTime)> {
     use x509_parser::prelude::{FromDer, X509Certificate};
     let (_, cert) = X509Certificate::from_der(der).ok()?;
-    let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
-    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+    let at = |t: x509_parser::time::ASN1Time| {
+        u64::try_from(t.timestamp())
+            .ok()
+            .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+    };
+    Some((
+        at(cert.validity().not_before)?,
+        at(cert.validity().not_after)?,
+    ))
 }
 
 // === impl Fixed ===
