@@ -220,9 +220,61 @@ def _monitor_schema(kind: str, endpoints_key: str) -> dict[str, Any]:
     }
 
 
+# From monitoring.coreos.com_prometheusrules (v1): spec.groups is a list
+# keyed by name (x-kubernetes-list-type: map), each rule needs an expr and is
+# either a recording or an alerting rule.
+_RULE = {
+    "type": "object",
+    "required": ["expr"],
+    "additionalProperties": False,
+    "properties": {
+        "record": {"type": "string", "pattern": r"^[a-zA-Z_:][a-zA-Z0-9_:]*$"},
+        "alert": {"type": "string", "minLength": 1},
+        "expr": {"type": ["string", "integer"], "minLength": 1},
+        "for": _DURATION,
+        "keep_firing_for": {**_DURATION, "minLength": 1},
+        "labels": _STRING_MAP,
+        "annotations": _STRING_MAP,
+    },
+    "oneOf": [{"required": ["record"]}, {"required": ["alert"]}],
+}
+_PROMETHEUS_RULE_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": _METADATA,
+        "spec": {
+            "type": "object",
+            "required": ["groups"],
+            "additionalProperties": False,
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "rules"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": _DURATION,
+                            "limit": {"type": "integer"},
+                            "rules": {"type": "array", "minItems": 1, "items": _RULE},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
 CRD_SCHEMAS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): _monitor_schema("ServiceMonitor", "endpoints"),
     ("monitoring.coreos.com/v1", "PodMonitor"): _monitor_schema("PodMonitor", "podMetricsEndpoints"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"): _PROMETHEUS_RULE_SCHEMA,
 }
 
 
@@ -326,6 +378,7 @@ EXPECTED_OBJECTS = {
                 "PodDisruptionBudget": ["palisade-control-plane"],
                 "ServiceMonitor": ["palisade-control-plane"],
                 "PodMonitor": ["palisade-sidecars"],
+                "PrometheusRule": ["palisade-rules"],
             },
         ),
     ],
@@ -886,6 +939,63 @@ def test_monitoring_off_by_default() -> None:
     assert not {"ServiceMonitor", "PodMonitor", "PrometheusRule"} & set(kinds(docs_of("default")))
 
 
+RULES_FILE = REPO / "deploy" / "prometheus" / "palisade-rules.yaml"
+CHART_RULES_FILE = CHART / "files" / "palisade-rules.yaml"
+
+
+def test_chart_rules_are_a_copy_of_the_rule_file() -> None:
+    """Helm reads only files inside the chart: files/palisade-rules.yaml must be the shipped file."""
+    assert CHART_RULES_FILE.read_bytes() == RULES_FILE.read_bytes(), (
+        "helm/palisade/files/palisade-rules.yaml differs from deploy/prometheus/palisade-rules.yaml: "
+        "cp deploy/prometheus/palisade-rules.yaml helm/palisade/files/"
+    )
+
+
+def test_prometheus_rule() -> None:
+    docs = docs_of("monitoring")
+    rule = one(docs, "PrometheusRule")
+    labels = rule["metadata"]["labels"]
+    assert labels["release"] == "kube-prometheus-stack"
+    assert labels["example.org/team"] == "platform"
+    assert labels["app.kubernetes.io/component"] == "monitoring"
+    # Exactly the groups of the rule file, templates untouched by Helm.
+    expected = yaml.safe_load(RULES_FILE.read_text())["groups"]
+    assert rule["spec"] == {"groups": expected}
+    annotations = [
+        text for g in rule["spec"]["groups"] for r in g["rules"] for text in (r.get("annotations") or {}).values()
+    ]
+    assert any("{{ $labels.identity }}" in t for t in annotations)
+    assert any("{{ $value | humanizeDuration }}" in t for t in annotations)
+    names = [g["name"] for g in rule["spec"]["groups"]]
+    assert len(names) == len(set(names)), "group names are the list's map keys"
+
+
+def test_prometheus_rule_validator_is_strict() -> None:
+    rule = copy.deepcopy(one(docs_of("monitoring"), "PrometheusRule"))
+    validate_document(rule)
+    broken = copy.deepcopy(rule)
+    broken["spec"]["groups"][0]["rules"][0]["exprr"] = "up"
+    with pytest.raises(jsonschema.ValidationError):
+        validate_document(broken)
+    broken = copy.deepcopy(rule)
+    broken["spec"]["groups"][0]["rules"][0]["for"] = "5 minutes"
+    with pytest.raises(jsonschema.ValidationError):
+        validate_document(broken)
+    broken = copy.deepcopy(rule)
+    broken["spec"]["groups"][0]["rules"][0]["alert"] = "Both"  # a recording rule named as an alert
+    with pytest.raises(jsonschema.ValidationError):
+        validate_document(broken)
+
+
+def test_prometheus_rule_follows_the_release() -> None:
+    docs = documents(render_raw({"monitoring": {"prometheusRule": {"enabled": True, "labels": {}}}},
+                                name="mesh", namespace="mesh-system"))
+    rule = one(docs, "PrometheusRule")
+    assert rule["metadata"]["name"] == "mesh-palisade-rules"
+    assert rule["metadata"]["namespace"] == "mesh-system"
+    assert "release" not in rule["metadata"]["labels"]
+
+
 # === names ===================================================================
 
 
@@ -928,6 +1038,9 @@ INVALID_VALUES = {
     "both CA sources": "ca:\n  existingSecret: mesh-issuer\n",
     "no CA source": "ca:\n  create: false\n",
     "interval 30 seconds": "monitoring:\n  serviceMonitor:\n    interval: 30 seconds\n",
+    "prometheusRule enabled yes-please": "monitoring:\n  prometheusRule:\n    enabled: yes-please\n",
+    "prometheusRule label not a string": "monitoring:\n  prometheusRule:\n    labels:\n      release: [a, b]\n",
+    "prometheusRule unknown key": "monitoring:\n  prometheusRule:\n    interval: 30s\n",
 }
 
 
