@@ -20,7 +20,7 @@ use palisade_runtime::{
 };
 
 use crate::{
-    authn::{Authenticator, KubernetesAuthenticator, StaticTokens},
+    authn::{Authenticator, AuthnError, KubernetesAuthenticator, StaticTokens},
     ca::{CaStore, Reload},
     config::{AuthenticatorConfig, ServeConfig},
     grpc::{self, ServerLimits, ServingCert},
@@ -83,6 +83,8 @@ impl App {
                     .context("setting up the kubernetes authenticator")?,
             ),
         };
+
+        metrics.authenticator_ready(authenticator.name(), &AuthnError::REASONS);
 
         let grpc = TcpListener::bind(config.grpc_addr)
             .await
@@ -206,6 +208,7 @@ impl App {
             None => "off".to_owned(),
         };
         if let (Some((listener, injection)), Some(w)) = (webhook, &config.webhook) {
+            metrics.webhook_ready();
             let injector = Arc::new(Injector::new(
                 injection,
                 config.trust_domain.clone(),

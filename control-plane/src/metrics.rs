@@ -159,4 +159,18 @@ impl Metrics {
         let result = if ok { "success" } else { "failure" };
         self.publications.with_label_values(&[target, result]).inc();
     }
+
+    /// Starts the authentication-failure counters of `authenticator` at zero
+    /// for every reason, so rate() and alerts see them before the first failure.
+    pub fn authenticator_ready(&self, authenticator: &'static str, reasons: &[&'static str]) {
+        for reason in reasons {
+            self.authn_failures
+                .with_label_values(&[authenticator, reason]);
+        }
+    }
+
+    /// Starts the webhook's counter of injected pods at zero.
+    pub fn webhook_ready(&self) {
+        self.reviews.with_label_values(&["injected", "injected"]);
+    }
 }

@@ -154,6 +154,11 @@ impl Metrics {
         for d in [Direction::Inbound, Direction::Outbound] {
             active.with_label_values(&[d.as_str()]);
             handshakes.with_label_values(&[d.as_str(), "success", "ok"]);
+            handshake_duration.with_label_values(&[d.as_str()]);
+            opened.with_label_values(&[d.as_str(), "plaintext", ""]);
+            for flow in ["request", "response"] {
+                bytes.with_label_values(&[d.as_str(), flow]);
+            }
         }
         Ok(Self {
             handshakes,

@@ -306,6 +306,44 @@ async fn prometheus_sees_what_the_mesh_did() {
         }
     }
 
+    // Every metric of the design is there with HELP and TYPE from the start
+    // (palisade_authz_denied_total appears with the first denial: its labels
+    // are a port and a peer, and there is no zero to start from).
+    for (addr, names) in [
+        (
+            cp.admin_addr,
+            &[
+                "palisade_ca_certificates_issued_total",
+                "palisade_ca_issue_duration_seconds",
+                "palisade_ca_issuer_expiration_timestamp_seconds",
+                "palisade_ca_authentication_failures_total",
+            ][..],
+        ),
+        (
+            web.admin,
+            &[
+                "palisade_tls_handshakes_total",
+                "palisade_tls_handshake_duration_seconds",
+                "palisade_connections_opened_total",
+                "palisade_connections_active",
+                "palisade_bytes_total",
+                "palisade_cert_expiration_timestamp_seconds",
+                "palisade_cert_not_before_timestamp_seconds",
+                "palisade_cert_renewals_total",
+                "palisade_trust_bundle_roots",
+            ][..],
+        ),
+    ] {
+        let (_, body) = http_get(addr, "/metrics").expect("metrics");
+        for name in names {
+            assert!(
+                body.contains(&format!("# HELP {name} "))
+                    && body.contains(&format!("# TYPE {name} ")),
+                "{name} has no HELP/TYPE on {addr}:\n{body}"
+            );
+        }
+    }
+
     promtool_check_metrics("control plane", cp.admin_addr);
     promtool_check_metrics("web sidecar", web.admin);
     promtool_check_metrics("api sidecar", api.admin);

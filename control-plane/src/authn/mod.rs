@@ -65,6 +65,18 @@ impl Authenticator {
 // === impl AuthnError ===
 
 impl AuthnError {
+    /// Every value of [`AuthnError::reason`], for metrics that start at zero.
+    pub const REASONS: [&'static str; 6] = [
+        "missing_token",
+        "invalid_token",
+        "expired_token",
+        "wrong_audience",
+        "bad_identity",
+        "authority_unavailable",
+    ];
+}
+
+impl AuthnError {
     /// The closed set of `reason` label values.
     pub fn reason(&self) -> &'static str {
         match self {
