@@ -36,7 +36,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::{ca::CaStore, metrics::Metrics};
+use crate::{ca::CaStore, inject::config::is_dns_label, metrics::Metrics};
 
 #[cfg(test)]
 mod tests;
@@ -138,7 +138,7 @@ impl BundlePublisher {
                     next_full = Instant::now();
                 }
                 Some(ns) = namespaces.recv() => {
-                    if let Err(error) = self.ensure_configmap(&ns).await {
+                    if let Err(error) = self.ensure_labelled(&ns).await {
                         warn!(namespace = %ns, %error, "cannot write the trust bundle ConfigMap");
                     }
                 }
@@ -265,13 +265,42 @@ impl BundlePublisher {
         Ok(true)
     }
 
+    /// Writes the bundle ConfigMap into `namespace` if it is labelled for
+    /// injection. The webhook names the namespace of each injected pod, and
+    /// anyone who can reach the webhook can name any namespace: only labelled
+    /// ones get a write.
+    pub async fn ensure_labelled(&mut self, namespace: &str) -> Result<bool, PublishError> {
+        if self.config.bundle_configmap.is_none() || !is_dns_label(namespace) {
+            return Ok(false);
+        }
+        let field = format!("metadata.name={namespace}");
+        if !self
+            .injected_namespaces_where(Some(&field))
+            .await?
+            .iter()
+            .any(|n| n == namespace)
+        {
+            debug!(%namespace, "not labelled for injection; no ConfigMap written");
+            return Ok(false);
+        }
+        self.ensure_configmap(namespace).await
+    }
+
     async fn injected_namespaces(&self) -> Result<Vec<String>, PublishError> {
+        self.injected_namespaces_where(None).await
+    }
+
+    async fn injected_namespaces_where(
+        &self,
+        field: Option<&str>,
+    ) -> Result<Vec<String>, PublishError> {
         let api: Api<Namespace> = Api::all(self.client.clone());
+        let mut params = ListParams::default().labels(INJECT_LABEL);
+        if let Some(field) = field {
+            params = params.fields(field);
+        }
         let list = self
-            .call(
-                "listing namespaces".to_owned(),
-                api.list(&ListParams::default().labels(INJECT_LABEL)),
-            )
+            .call("listing namespaces".to_owned(), api.list(&params))
             .await?;
         Ok(list
             .items

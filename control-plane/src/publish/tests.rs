@@ -326,3 +326,27 @@ async fn an_api_server_that_refuses_is_counted_and_retried() {
     assert_eq!(api.lock().expect("lock").applies.len(), 2);
     assert_eq!(published(&registry, "webhook_ca_bundle", "success"), 1);
 }
+
+#[tokio::test]
+async fn a_namespace_named_by_the_webhook_gets_a_configmap_only_when_labelled() {
+    let Fixture {
+        api, mut publisher, ..
+    } = fixture().await;
+    assert!(
+        !publisher
+            .ensure_labelled("kube-system")
+            .await
+            .expect("answered")
+    );
+    assert!(
+        !publisher
+            .ensure_labelled("Not/A-Namespace")
+            .await
+            .expect("answered")
+    );
+    assert!(api.lock().expect("lock").applies.is_empty());
+    assert!(publisher.ensure_labelled("shop").await.expect("answered"));
+    let api = api.lock().expect("lock");
+    assert_eq!(api.applies.len(), 1);
+    assert_eq!(api.applies[0].0, "shop");
+}
