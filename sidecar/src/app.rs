@@ -50,7 +50,11 @@ impl App {
                 outbound::OutboundTarget::Transparent { .. } => None,
             })
             .collect();
-        let store = Arc::new(CertStore::new(config.trust_domain.clone(), pinned));
+        let store = Arc::new(CertStore::with_tls(
+            config.trust_domain.clone(),
+            pinned,
+            &config.tls,
+        ));
         if let CredentialSource::Files { dir } = &config.credentials {
             reload_credentials(dir, &store, &metrics);
         }

@@ -17,6 +17,7 @@ use crate::{
         inbound::{InboundTarget, Mode},
         outbound::OutboundTarget,
     },
+    tls::{KxGroup, Suite, TlsSettings},
 };
 
 /// Palisade's sidecar: transparent mutual TLS between pods.
@@ -162,6 +163,27 @@ pub struct RunArgs {
     /// On SIGTERM, open connections get this long to finish.
     #[arg(long, env = "PALISADE_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// Key-exchange groups offered and accepted, in preference order (comma-separated).
+    #[arg(
+        long,
+        env = "PALISADE_TLS_GROUPS",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "x25519mlkem768,x25519"
+    )]
+    pub tls_groups: Vec<KxGroup>,
+    /// TLS 1.3 cipher suites, in preference order (comma-separated).
+    #[arg(
+        long,
+        env = "PALISADE_TLS_CIPHER_SUITES",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "aes128gcm,aes256gcm,chacha20poly1305"
+    )]
+    pub tls_cipher_suites: Vec<Suite>,
+    /// Threads that run the proxy (0: one per CPU).
+    #[arg(long, env = "PALISADE_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
 }
 
 /// `LISTEN=UPSTREAM,SPIFFE_ID`.
@@ -308,6 +330,9 @@ pub struct RunConfig {
     pub max_connections: usize,
     #[serde(with = "duration_text")]
     pub drain_timeout: Duration,
+    pub tls: TlsSettings,
+    /// Threads of the runtime; 0 is one per CPU.
+    pub worker_threads: usize,
 }
 
 /// A flag combination that cannot work.
@@ -450,6 +475,11 @@ impl RunArgs {
             },
             max_connections: self.max_connections,
             drain_timeout: self.drain_timeout,
+            tls: TlsSettings {
+                groups: dedup(self.tls_groups),
+                cipher_suites: dedup(self.tls_cipher_suites),
+            },
+            worker_threads: self.worker_threads,
         })
     }
 }
@@ -547,6 +577,31 @@ mod tests {
     }
 
     #[test]
+    fn tls_groups_suites_and_threads_are_chosen_in_order() {
+        let config = run(&[]).expect("valid");
+        assert_eq!(config.tls, TlsSettings::default());
+        assert_eq!(config.tls.groups[0], KxGroup::X25519mlkem768);
+        assert_eq!(config.worker_threads, 0);
+        let config = run(&[
+            "--tls-groups",
+            "x25519,x25519",
+            "--tls-cipher-suites",
+            "aes256gcm,aes128gcm",
+            "--worker-threads",
+            "1",
+        ])
+        .expect("valid");
+        assert_eq!(config.tls.groups, [KxGroup::X25519]);
+        assert_eq!(
+            config.tls.cipher_suites,
+            [Suite::Aes256gcm, Suite::Aes128gcm]
+        );
+        assert_eq!(config.worker_threads, 1);
+        let err = run(&["--tls-groups", "x448"]).expect_err("unknown group");
+        assert!(err.contains("x448"), "{err}");
+    }
+
+    #[test]
     fn explicit_listeners_parse_and_bad_ones_say_why() {
         let config = run(&[
             "--transparent=false",
@@ -594,4 +649,15 @@ mod tests {
             assert!(err.contains(needle), "{args:?}: {err}");
         }
     }
+}
+
+/// `list` without repeats, first occurrence kept.
+fn dedup<T: PartialEq>(list: Vec<T>) -> Vec<T> {
+    let mut out = Vec::with_capacity(list.len());
+    for item in list {
+        if !out.contains(&item) {
+            out.push(item);
+        }
+    }
+    out
 }

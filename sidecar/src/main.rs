@@ -27,7 +27,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
             let config = args.into_config()?;
-            runtime(true)?.block_on(async {
+            runtime(true, config.worker_threads)?.block_on(async {
                 let app = App::build(config).await?;
                 app.run(shutdown_signal()).await
             })
@@ -53,7 +53,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Certify(args) => runtime(false)?.block_on(async {
+        Command::Certify(args) => runtime(false, 0)?.block_on(async {
             let client = IdentityClient::new(args.client_config());
             let creds = client.certify().await?;
             credentials::write(&args.out, &creds)
@@ -70,12 +70,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn runtime(multi_thread: bool) -> anyhow::Result<tokio::runtime::Runtime> {
+/// A tokio runtime; `worker_threads` 0 is one per CPU.
+fn runtime(multi_thread: bool, worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     let mut builder = if multi_thread {
         tokio::runtime::Builder::new_multi_thread()
     } else {
         tokio::runtime::Builder::new_current_thread()
     };
+    if multi_thread && worker_threads > 0 {
+        builder.worker_threads(worker_threads);
+    }
     builder
         .enable_all()
         .build()

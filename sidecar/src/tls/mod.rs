@@ -14,7 +14,7 @@ use std::io;
 use rustls::{CertificateError, Error};
 
 pub use self::{
-    store::{CertStore, Material, StoreError, TlsConfigs},
+    store::{CertStore, KxGroup, Material, StoreError, Suite, TlsConfigs, TlsSettings},
     verifier::{IdentityError, Verification, spiffe_id},
 };
 

@@ -59,6 +59,8 @@ pub struct TlsConfigs {
 pub struct CertStore {
     trust_domain: TrustDomain,
     pinned_peers: Vec<SpiffeId>,
+    /// Built once from the TLS settings; every publish reuses it.
+    provider: Arc<CryptoProvider>,
     current: ArcSwapOption<TlsConfigs>,
     changed: watch::Sender<u64>,
 }
@@ -102,9 +104,19 @@ impl CertStore {
     /// An empty store; `pinned_peers` are the identities explicit listeners dial,
     /// for which client configurations are built at each publish.
     pub fn new(trust_domain: TrustDomain, pinned_peers: Vec<SpiffeId>) -> Self {
+        Self::with_tls(trust_domain, pinned_peers, &TlsSettings::default())
+    }
+
+    /// An empty store whose handshakes use `tls`'s groups and cipher suites.
+    pub fn with_tls(
+        trust_domain: TrustDomain,
+        pinned_peers: Vec<SpiffeId>,
+        tls: &TlsSettings,
+    ) -> Self {
         Self {
             trust_domain,
             pinned_peers,
+            provider: Arc::new(tls.provider()),
             current: ArcSwapOption::empty(),
             changed: watch::Sender::new(0),
         }
@@ -131,6 +143,7 @@ impl CertStore {
     ) -> Result<Arc<TlsConfigs>, StoreError> {
         let configs = Arc::new(TlsConfigs::build(
             material,
+            &self.provider,
             &self.trust_domain,
             &self.pinned_peers,
             now,
@@ -168,6 +181,7 @@ impl fmt::Debug for CertStore {
 impl TlsConfigs {
     fn build(
         material: Material,
+        provider: &Arc<CryptoProvider>,
         trust_domain: &TrustDomain,
         pinned_peers: &[SpiffeId],
         now: SystemTime,
@@ -178,7 +192,7 @@ impl TlsConfigs {
         if material.roots.is_empty() {
             return Err(StoreError::NoRoots);
         }
-        let provider = Arc::new(provider());
+        let provider = provider.clone();
         let signing_key = provider
             .key_provider
             .load_private_key(material.key)
@@ -296,12 +310,72 @@ impl fmt::Debug for TlsConfigs {
     }
 }
 
-/// aws-lc-rs with the post-quantum hybrid first and X25519 as fallback.
-pub fn provider() -> CryptoProvider {
-    use rustls::crypto::aws_lc_rs::{default_provider, kx_group};
-    CryptoProvider {
-        kx_groups: vec![kx_group::X25519MLKEM768, kx_group::X25519],
-        ..default_provider()
+/// Key-exchange groups and TLS 1.3 cipher suites, each in preference order.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct TlsSettings {
+    pub groups: Vec<KxGroup>,
+    pub cipher_suites: Vec<Suite>,
+}
+
+/// A key-exchange group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KxGroup {
+    /// The post-quantum hybrid (ML-KEM-768 with X25519).
+    X25519mlkem768,
+    X25519,
+    Secp256r1,
+}
+
+/// A TLS 1.3 cipher suite.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Suite {
+    Aes128gcm,
+    Aes256gcm,
+    Chacha20poly1305,
+}
+
+// === impl TlsSettings ===
+
+impl Default for TlsSettings {
+    /// The post-quantum hybrid first, X25519 as fallback; AES-128-GCM first
+    /// (the fastest with AES-NI, and 128-bit security).
+    fn default() -> Self {
+        Self {
+            groups: vec![KxGroup::X25519mlkem768, KxGroup::X25519],
+            cipher_suites: vec![Suite::Aes128gcm, Suite::Aes256gcm, Suite::Chacha20poly1305],
+        }
+    }
+}
+
+impl TlsSettings {
+    /// aws-lc-rs limited to these groups and suites.
+    pub fn provider(&self) -> CryptoProvider {
+        use rustls::crypto::aws_lc_rs::{cipher_suite, default_provider, kx_group};
+        let kx_groups = self
+            .groups
+            .iter()
+            .map(|g| match g {
+                KxGroup::X25519mlkem768 => kx_group::X25519MLKEM768,
+                KxGroup::X25519 => kx_group::X25519,
+                KxGroup::Secp256r1 => kx_group::SECP256R1,
+            })
+            .collect();
+        let cipher_suites = self
+            .cipher_suites
+            .iter()
+            .map(|s| match s {
+                Suite::Aes128gcm => cipher_suite::TLS13_AES_128_GCM_SHA256,
+                Suite::Aes256gcm => cipher_suite::TLS13_AES_256_GCM_SHA384,
+                Suite::Chacha20poly1305 => cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+            })
+            .collect();
+        CryptoProvider {
+            kx_groups,
+            cipher_suites,
+            ..default_provider()
+        }
     }
 }
 
