@@ -549,6 +549,17 @@ pub mod duration_text_opt {
     }
 }
 
+/// `list` without repeats, first occurrence kept.
+fn dedup<T: PartialEq>(list: Vec<T>) -> Vec<T> {
+    let mut out = Vec::with_capacity(list.len());
+    for item in list {
+        if !out.contains(&item) {
+            out.push(item);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -649,15 +660,4 @@ mod tests {
             assert!(err.contains(needle), "{args:?}: {err}");
         }
     }
-}
-
-/// `list` without repeats, first occurrence kept.
-fn dedup<T: PartialEq>(list: Vec<T>) -> Vec<T> {
-    let mut out = Vec::with_capacity(list.len());
-    for item in list {
-        if !out.contains(&item) {
-            out.push(item);
-        }
-    }
-    out
 }
