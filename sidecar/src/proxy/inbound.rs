@@ -12,6 +12,7 @@ use tracing::{debug, info};
 
 use super::{
     Proxy,
+    buffers::ReadAhead,
     detect::{self, DetectError, Protocol},
     original_dst,
     prefixed::PrefixedIo,
@@ -138,7 +139,7 @@ async fn mesh(proxy: &Proxy, tcp: TcpStream, prefix: Vec<u8>, app: SocketAddr) {
     let acceptor = TlsAcceptor::from(configs.server());
     let accepted = tokio::time::timeout(
         proxy.limits.handshake,
-        acceptor.accept(PrefixedIo::new(prefix, tcp)),
+        acceptor.accept(PrefixedIo::new(prefix, ReadAhead::new(tcp))),
     )
     .await;
     let mut tls = match accepted {

@@ -6,10 +6,12 @@
 //! - [`detect`]: mesh TLS, other TLS or plaintext, from the first bytes.
 //! - [`relay`]: both directions, half-close, byte counts, idle timeout.
 //! - [`prefixed`]: replaying the bytes detection read.
+//! - [`buffers`]: pooled buffers held only while bytes move.
 //!
 //! [`serve`] is the accept loop every listener shares: a connection limit, a
 //! span and a tracked task per connection, and a drain on shutdown.
 
+pub mod buffers;
 pub mod detect;
 pub mod inbound;
 pub mod outbound;

@@ -13,7 +13,7 @@ use tokio::{net::TcpStream, sync::OwnedSemaphorePermit};
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
-use super::{Proxy, connect, original_dst, relay::relay};
+use super::{Proxy, buffers::ReadAhead, connect, original_dst, relay::relay};
 use crate::{
     metrics::Direction::Outbound,
     tls::{failure_reason, spiffe_id},
@@ -107,7 +107,10 @@ pub async fn handle(
     let connector = TlsConnector::from(configs.client(expected));
     let connected = tokio::time::timeout(
         proxy.limits.handshake,
-        connector.connect(ServerName::IpAddress(peer_ip.into()), upstream),
+        connector.connect(
+            ServerName::IpAddress(peer_ip.into()),
+            ReadAhead::new(upstream),
+        ),
     )
     .await;
     let tls = match connected {

@@ -2,10 +2,11 @@
 //!
 //! Half-close is carried across: when one side finishes sending, the other
 //! side's write half is shut down (for TLS: close_notify, then FIN) and the
-//! opposite direction goes on until it finishes too. Each direction uses one
-//! 16 KiB buffer, the size of a full TLS record, allocated once per
-//! connection. Bytes are counted as they pass, so long-lived connections show
-//! up in `palisade_bytes_total` while they run.
+//! opposite direction goes on until it finishes too. Each direction borrows a
+//! 64 KiB buffer from the thread's pool only while bytes are in flight (see
+//! [`super::buffers`]), so an idle connection holds none. Bytes are counted as
+//! they pass, so long-lived connections show up in `palisade_bytes_total`
+//! while they run.
 
 use std::{
     io,
@@ -14,7 +15,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
     time::Duration,
 };
 
@@ -24,10 +25,8 @@ use tokio::{
     time::Instant,
 };
 
+use super::buffers::Transfer;
 use crate::metrics::ByteCounters;
-
-/// Bytes per direction buffer: one full TLS record of plaintext.
-pub const BUFFER: usize = 16 * 1024;
 
 /// Relays between `client` (the side that connected to us) and `server` until
 /// both directions are done, or nothing moved for `idle`. Returns the bytes
@@ -45,7 +44,7 @@ where
     let activity = Arc::new(Activity::new());
     let mut client = Counted::new(client, counters.request.clone(), activity.clone());
     let mut server = Counted::new(server, counters.response.clone(), activity.clone());
-    let copy = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut server, BUFFER, BUFFER);
+    let copy = bidirectional(&mut client, &mut server);
     let Some(idle) = idle else {
         return copy.await;
     };
@@ -61,6 +60,60 @@ where
             }
         }
     }
+}
+
+/// One direction's progress.
+#[derive(Debug)]
+enum Direction {
+    Copying(Transfer),
+    ShuttingDown(u64),
+    Done(u64),
+}
+
+impl Direction {
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut reader: Pin<&mut R>,
+        mut writer: Pin<&mut W>,
+    ) -> Poll<io::Result<u64>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            match self {
+                Self::Copying(transfer) => {
+                    let n = ready!(transfer.poll_copy(cx, reader.as_mut(), writer.as_mut()))?;
+                    *self = Self::ShuttingDown(n);
+                }
+                Self::ShuttingDown(n) => {
+                    ready!(writer.as_mut().poll_shutdown(cx))?;
+                    *self = Self::Done(*n);
+                }
+                Self::Done(n) => return Poll::Ready(Ok(*n)),
+            }
+        }
+    }
+}
+
+/// Copies both ways until both are done; the first error ends both.
+async fn bidirectional<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut a_to_b = Direction::Copying(Transfer::default());
+    let mut b_to_a = Direction::Copying(Transfer::default());
+    std::future::poll_fn(|cx| {
+        let forth = a_to_b.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b))?;
+        let back = b_to_a.poll(cx, Pin::new(&mut *b), Pin::new(&mut *a))?;
+        match (forth, back) {
+            (Poll::Ready(forth), Poll::Ready(back)) => Poll::Ready(Ok((forth, back))),
+            _ => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// When bytes last moved.
