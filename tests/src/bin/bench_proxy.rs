@@ -61,9 +61,10 @@
 //! ./target/release/palisade-bench-proxy --rounds 3
 //! ```
 //!
-//! Every process started here is killed at the end, on error and on
-//! Ctrl-C/SIGTERM (process groups; children also get SIGKILL if this process
-//! dies, through `setpriv --pdeathsig` where available).
+//! Every process started here runs in a process group of its own and the
+//! group is killed at the end, on error and on SIGINT/SIGTERM/SIGHUP; if this
+//! process is killed with SIGKILL, a watchdog shell kills the groups still
+//! running and removes the temporary directory.
 
 #![forbid(unsafe_code)]
 
@@ -87,7 +88,9 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use aws_lc_rs::{
-    agreement::{EphemeralPrivateKey, UnparsedPublicKey as AgreePublicKey, X25519, agree_ephemeral},
+    agreement::{
+        EphemeralPrivateKey, UnparsedPublicKey as AgreePublicKey, X25519, agree_ephemeral,
+    },
     kem::{DecapsulationKey, ML_KEM_768},
     rand::SystemRandom,
     signature::{
@@ -140,6 +143,8 @@ const PROBE_CONNECTIONS: usize = 3;
 /// The file-descriptor limit asked for (10,000 idle connections need ~3 per
 /// connection in the proxies and one here).
 const NOFILE_WANTED: u64 = 262_144;
+/// Descriptors kept free of the idle connections (listeners, logs, runtime).
+const FD_RESERVE: u64 = 256;
 /// The peers of the goals.
 const PEERS: [System; 3] = [System::Haproxy, System::Nginx, System::Stunnel];
 
@@ -296,10 +301,14 @@ impl Settings {
             warmup: args
                 .warmup
                 .unwrap_or(Duration::from_millis(if q { 500 } else { 1000 })),
-            latency_requests: args.latency_requests.unwrap_or(if q { 3000 } else { 20_000 }),
-            crypto_duration: args
-                .crypto_duration
-                .unwrap_or(Duration::from_millis(if q { 500 } else { 2000 })),
+            latency_requests: args
+                .latency_requests
+                .unwrap_or(if q { 3000 } else { 20_000 }),
+            crypto_duration: args.crypto_duration.unwrap_or(Duration::from_millis(if q {
+                500
+            } else {
+                2000
+            })),
             systems,
             args,
         };
@@ -391,9 +400,11 @@ struct Ctx {
     certs: CertFiles,
     sidecar: Option<SidecarInfo>,
     nginx_module: Option<PathBuf>,
-    /// `setpriv` is there: children get SIGKILL when this process dies.
-    setpriv: bool,
+    /// The process groups started, for the watchdog.
+    groups: Arc<Groups>,
     clk_tck: f64,
+    /// The open-file limit every process here runs with (after raising it).
+    nofile: u64,
     /// Distinguishes the config files and logs of every process started.
     serial: AtomicU64,
 }
@@ -431,9 +442,33 @@ async fn bench(s: &Settings) -> Result<ExitCode> {
         .prefix("palisade-bench-proxy-")
         .tempdir()
         .context("creating a temporary directory")?;
+    let groups = Arc::new(Groups::new(tmp.path()));
+    // Declared before every process, so stopped after them.
+    let _watchdog = Watchdog::start(&groups, tmp.path())?;
     let certs = CertFiles::write(tmp.path()).context("making the certificates")?;
-    let ctx = Ctx::new(s, tmp.path().to_owned(), certs)?;
+    let ctx = Ctx::new(s, tmp.path().to_owned(), certs, groups)?;
     let backend = Backend::start().context("starting the backend")?;
+    if let Some(&largest) = s.connection_steps().last()
+        && !s.args.skip_memory
+        && largest > ctx.max_idle()
+    {
+        note(
+            &mut results.notes,
+            format!(
+                "with {} open files per process, a pair holds at most {} idle connections \
+                 (2 descriptors per connection in each proxy and in this process): steps above \
+                 that are measured at {} connections (stunnel: {}, as it refuses clients beyond \
+                 125/256 of its open-file limit) and marked; haproxy runs with maxconn {}, nginx \
+                 with worker_connections {}",
+                ctx.nofile,
+                ctx.max_idle(),
+                ctx.max_idle(),
+                ctx.max_idle_for(System::Stunnel),
+                ctx.haproxy_maxconn(),
+                ctx.nofile.saturating_sub(100).min(60_000)
+            ),
+        );
+    }
     let facts = machine_facts(&ctx);
     eprintln!(
         "palisade-bench-proxy: systems {}, {} rounds, {:.1} s + {:.1} s warm-up windows, backend on {}",
@@ -518,7 +553,7 @@ async fn bench(s: &Settings) -> Result<ExitCode> {
                 .collect();
             for sys in rotated(&systems, round) {
                 eprintln!("round {n}/{}: {} idle connections", s.rounds, sys.label());
-                let figures = memory(&ctx, sys, s, &mut results.notes, n).await;
+                let figures = memory(&ctx, sys, &backend, s, &mut results.notes, n).await;
                 if let Some(last) = results.rounds.entry(sys).or_default().last_mut() {
                     last.extend(figures);
                 }
@@ -582,11 +617,13 @@ async fn bench(s: &Settings) -> Result<ExitCode> {
         .flatten()
         .filter_map(|f| f.get("conn_errors"))
         .sum();
-    Ok(if results.notes.iter().any(|n| n.starts_with("round ")) || errors > 0.0 {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(
+        if results.notes.iter().any(|n| n.starts_with("round ")) || errors > 0.0 {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        },
+    )
 }
 
 fn note(notes: &mut Vec<String>, text: String) {
@@ -626,6 +663,8 @@ async fn perf(ctx: &Ctx, sys: System, backend: &Backend, s: &Settings) -> Result
             .unwrap_or_default(),
         f["conn_errors"]
     );
+    // Let the connection test's sockets wind down first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     latency(entry, s, &mut f).await?;
     eprintln!(
         "  latency p50 {:.1} µs, p99 {:.1} µs",
@@ -823,19 +862,76 @@ struct Proc {
     child: Child,
     name: String,
     log: PathBuf,
+    groups: Arc<Groups>,
+}
+
+/// The process groups started here and still running, listed in a file for
+/// the watchdog.
+#[derive(Debug)]
+struct Groups {
+    file: PathBuf,
+    live: Mutex<Vec<u32>>,
+}
+
+impl Groups {
+    fn new(dir: &Path) -> Self {
+        Self {
+            file: dir.join("process-groups"),
+            live: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Vec<u32>)) {
+        if let Ok(mut live) = self.live.lock() {
+            f(&mut live);
+            let text: String = live.iter().map(|g| format!("{g}\n")).collect();
+            let tmp = self.file.with_extension("tmp");
+            if fs::write(&tmp, text).is_ok() {
+                let _ = fs::rename(&tmp, &self.file);
+            }
+        }
+    }
+}
+
+/// A shell in its own process group that waits for this process to end and
+/// then kills every process group still listed and removes the temporary
+/// directory: what `Drop` cannot do when this process is killed with SIGKILL
+/// (an nginx worker, for one, outlives its master). Stopped on drop.
+#[derive(Debug)]
+struct Watchdog(Child);
+
+impl Watchdog {
+    fn start(groups: &Groups, dir: &Path) -> Result<Self> {
+        let script = r#"while kill -0 "$1" 2>/dev/null; do sleep 1; done
+if [ -f "$2" ]; then while read -r g; do kill -9 "-$g" 2>/dev/null; done < "$2"; fi
+rm -rf "$3""#;
+        let child = Command::new("sh")
+            .args(["-c", script, "palisade-bench-proxy-watchdog"])
+            .arg(std::process::id().to_string())
+            .arg(&groups.file)
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .context("starting the watchdog shell")?;
+        Ok(Self(child))
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 impl Proc {
     fn spawn(ctx: &Ctx, name: &str, program: &Path, args: &[OsString]) -> Result<Self> {
         let log = ctx.dir.join(format!("{name}.log"));
         let out = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let mut cmd = if ctx.setpriv {
-            let mut c = Command::new("setpriv");
-            c.args(["--pdeathsig", "KILL", "--"]).arg(program);
-            c
-        } else {
-            Command::new(program)
-        };
+        let mut cmd = Command::new(program);
         cmd.args(args)
             .current_dir(&ctx.dir)
             .stdin(Stdio::null())
@@ -845,10 +941,13 @@ impl Proc {
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {}", program.display()))?;
+        let pgid = child.id();
+        ctx.groups.update(|g| g.push(pgid));
         Ok(Self {
             child,
             name: name.to_owned(),
             log,
+            groups: ctx.groups.clone(),
         })
     }
 
@@ -925,12 +1024,9 @@ impl Drop for Proc {
         let Some(pgid) = i32::try_from(self.pid()).ok().and_then(Pid::from_raw) else {
             return;
         };
-        if matches!(self.child.try_wait(), Ok(Some(_))) {
-            // The leader is gone; its group may not be (an orphaned worker).
-            let _ = kill_process_group(pgid, Signal::KILL);
-            return;
+        if !matches!(self.child.try_wait(), Ok(Some(_))) {
+            let _ = kill_process_group(pgid, Signal::TERM);
         }
-        let _ = kill_process_group(pgid, Signal::TERM);
         let deadline = Instant::now() + STOP_TIMEOUT;
         while Instant::now() < deadline {
             if matches!(self.child.try_wait(), Ok(Some(_))) {
@@ -940,6 +1036,8 @@ impl Drop for Proc {
         }
         let _ = kill_process_group(pgid, Signal::KILL);
         let _ = self.child.wait();
+        let pid = self.pid();
+        self.groups.update(|g| g.retain(|x| *x != pid));
     }
 }
 
@@ -1068,7 +1166,10 @@ fn start_side(
         }
         System::Haproxy => {
             let conf = ctx.dir.join(format!("{name}.cfg"));
-            fs::write(&conf, haproxy_config(&ctx.certs, side, listen, upstream))?;
+            fs::write(
+                &conf,
+                haproxy_config(&ctx.certs, side, listen, upstream, ctx.haproxy_maxconn()),
+            )?;
             let args = vec!["-db".into(), "-f".into(), conf.into_os_string()];
             (Proc::spawn(ctx, &name, Path::new("haproxy"), &args)?, None)
         }
@@ -1076,10 +1177,7 @@ fn start_side(
             let conf = ctx.dir.join(format!("{name}.conf"));
             let prefix = ctx.dir.join(&name);
             fs::create_dir_all(&prefix)?;
-            fs::write(
-                &conf,
-                nginx_config(ctx, side, listen, upstream, &prefix),
-            )?;
+            fs::write(&conf, nginx_config(ctx, side, listen, upstream, &prefix))?;
             let args = vec![
                 "-p".into(),
                 prefix.clone().into_os_string(),
@@ -1094,7 +1192,13 @@ fn start_side(
             let conf = ctx.dir.join(format!("{name}.conf"));
             fs::write(
                 &conf,
-                stunnel_config(&ctx.certs, side, listen, upstream, &ctx.dir.join(format!("{name}.out"))),
+                stunnel_config(
+                    &ctx.certs,
+                    side,
+                    listen,
+                    upstream,
+                    &ctx.dir.join(format!("{name}.out")),
+                ),
             )?;
             let args = vec![conf.into_os_string()];
             (Proc::spawn(ctx, &name, Path::new("stunnel4"), &args)?, None)
@@ -1184,17 +1288,23 @@ fn start_palisade(
     Ok((Proc::spawn(ctx, name, &info.path, &args)?, Some(admin)))
 }
 
-fn haproxy_config(c: &CertFiles, side: Side, listen: SocketAddr, upstream: SocketAddr) -> String {
-    let mut conf = String::from(
+fn haproxy_config(
+    c: &CertFiles,
+    side: Side,
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    maxconn: u64,
+) -> String {
+    let mut conf = format!(
         "global\n\
          \x20   nbthread 1\n\
-         \x20   maxconn 60000\n\
+         \x20   maxconn {maxconn}\n\
          \x20   # no server-side session cache: with it, OpenSSL sends stateful\n\
          \x20   # TLS 1.3 tickets even with no-tls-tickets\n\
          \x20   tune.ssl.cachesize 0\n\
          defaults\n\
          \x20   mode tcp\n\
-         \x20   maxconn 60000\n\
+         \x20   maxconn {maxconn}\n\
          \x20   timeout connect 5s\n\
          \x20   timeout client 10m\n\
          \x20   timeout server 10m\n",
@@ -1237,10 +1347,12 @@ fn nginx_config(
     }
     let _ = write!(
         conf,
-        "daemon off;\nmaster_process on;\nworker_processes 1;\nworker_rlimit_nofile 200000;\n\
+        "daemon off;\nmaster_process on;\nworker_processes 1;\nworker_rlimit_nofile {nofile};\n\
          pid {pid};\nerror_log {err} warn;\n\
-         events {{ worker_connections 60000; multi_accept on; }}\n\
+         events {{ worker_connections {conns}; multi_accept on; }}\n\
          stream {{\n",
+        nofile = ctx.nofile.min(200_000),
+        conns = ctx.nofile.saturating_sub(100).min(60_000),
         pid = prefix.join("nginx.pid").display(),
         err = prefix.join("error.log").display(),
     );
@@ -1285,6 +1397,7 @@ fn nginx_config(
              \x20   ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256;\n\
              \x20   ssl_session_cache off;\n\
              \x20   ssl_session_tickets off;\n\
+             \x20   ssl_conf_command NumTickets 0;\n\
              \x20   ssl_handshake_timeout 10s;\n\
              \x20 }}\n}}\n",
             crt = c.server.cert.display(),
@@ -1326,7 +1439,30 @@ fn stunnel_config(
 // === Ctx ===
 
 impl Ctx {
-    fn new(s: &Settings, dir: PathBuf, certs: CertFiles) -> Result<Self> {
+    /// Idle connections a pair can hold: each proxy needs two descriptors per
+    /// connection, and so does this process (client socket + backend socket).
+    fn max_idle(&self) -> usize {
+        usize::try_from(self.nofile.saturating_sub(FD_RESERVE) / 2).unwrap_or(usize::MAX)
+    }
+
+    /// `max_idle` for one system: stunnel also caps its clients itself at
+    /// 125/256 of its open-file limit and resets connections beyond that.
+    fn max_idle_for(&self, sys: System) -> usize {
+        let own = match sys {
+            System::Stunnel => {
+                usize::try_from((self.nofile * 125 / 256).saturating_sub(16)).unwrap_or(usize::MAX)
+            }
+            _ => usize::MAX,
+        };
+        self.max_idle().min(own)
+    }
+
+    /// haproxy's `maxconn` (it refuses to start if 2 × maxconn exceeds the limit).
+    fn haproxy_maxconn(&self) -> u64 {
+        (self.nofile.saturating_sub(100) / 2).min(60_000)
+    }
+
+    fn new(s: &Settings, dir: PathBuf, certs: CertFiles, groups: Arc<Groups>) -> Result<Self> {
         let wants = |x: System| s.systems.contains(&x);
         let sidecar = if wants(System::Palisade) || wants(System::PalisadePq) {
             Some(SidecarInfo::find(s.args.sidecar.as_deref())?)
@@ -1356,8 +1492,11 @@ impl Ctx {
             certs,
             sidecar,
             nginx_module,
-            setpriv: on_path("setpriv"),
+            groups,
             clk_tck: clock_ticks_per_second(),
+            nofile: rustix::process::getrlimit(rustix::process::Resource::Nofile)
+                .current
+                .unwrap_or(u64::MAX),
             serial: AtomicU64::new(0),
         })
     }
@@ -1465,8 +1604,8 @@ fn raise_nofile(notes: &mut Vec<String>) {
     note(
         notes,
         format!(
-            "open-file limit is {got} (wanted {NOFILE_WANTED}; raising it needs root): \
-             the 10,000-connection step may fail"
+            "the open-file limit is {got} and could not be raised to {NOFILE_WANTED} \
+             (that needs CAP_SYS_RESOURCE)"
         ),
     );
 }
@@ -1529,13 +1668,19 @@ async fn bulk(
     let finished = writer.is_finished();
     match tokio::time::timeout(Duration::from_secs(10), writer).await {
         Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => bail!("bulk stream failed{}: {e}", if finished { " early" } else { "" }),
+        Ok(Ok(Err(e))) => bail!(
+            "bulk stream failed{}: {e}",
+            if finished { " early" } else { "" }
+        ),
         Ok(Err(e)) => bail!("bulk writer panicked: {e}"),
         Err(_) => bail!("bulk writer did not stop within 10 s"),
     }
     let w = s0.until(&s1, ctx.clk_tck);
     let bytes = b1.saturating_sub(b0) as f64;
-    ensure!(bytes > 0.0, "no bytes reached the backend in the bulk window");
+    ensure!(
+        bytes > 0.0,
+        "no bytes reached the backend in the bulk window"
+    );
     f.insert("bulk_bytes".into(), bytes);
     f.insert("gbps".into(), bytes * 8.0 / w.secs / 1e9);
     if pair.is_some() {
@@ -1558,8 +1703,12 @@ async fn conn_rate(
     let first_error: Arc<Mutex<Option<String>>> = Arc::default();
     let mut workers = JoinSet::new();
     for _ in 0..s.args.clients {
-        let (stop, done, errors, first_error) =
-            (stop.clone(), done.clone(), errors.clone(), first_error.clone());
+        let (stop, done, errors, first_error) = (
+            stop.clone(),
+            done.clone(),
+            errors.clone(),
+            first_error.clone(),
+        );
         workers.spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 match tokio::time::timeout(CONNECT_TIMEOUT, echo_conn(entry)).await {
@@ -1596,10 +1745,7 @@ async fn conn_rate(
     let n = d1.saturating_sub(d0) as f64;
     f.insert("connections".into(), n);
     f.insert("conn_per_s".into(), n / w.secs);
-    f.insert(
-        "conn_errors".into(),
-        errors.load(Ordering::Relaxed) as f64,
-    );
+    f.insert("conn_errors".into(), errors.load(Ordering::Relaxed) as f64);
     if let Some(e) = first_error.lock().ok().and_then(|e| e.clone()) {
         eprintln!("  first connection error: {e}");
     }
@@ -1654,24 +1800,19 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 async fn memory(
     ctx: &Ctx,
     sys: System,
+    backend: &Backend,
     s: &Settings,
     notes: &mut Vec<String>,
     round: usize,
 ) -> Figures {
     let mut f = Figures::new();
-    // The backend of the perf tests would do; a second one keeps the memory
-    // test from touching the sink counter.
-    let backend = match Backend::start() {
-        Ok(b) => b,
-        Err(e) => {
-            note(notes, format!("round {round}, {} memory: {e:#}", sys.label()));
-            return f;
-        }
-    };
     let pair = match Pair::start(ctx, sys, backend.addr) {
         Ok(p) => p,
         Err(e) => {
-            note(notes, format!("round {round}, {} memory: {e:#}", sys.label()));
+            note(
+                notes,
+                format!("round {round}, {} memory: {e:#}", sys.label()),
+            );
             return f;
         }
     };
@@ -1679,7 +1820,10 @@ async fn memory(
     let idle = match pair.rss() {
         Ok(r) => r,
         Err(e) => {
-            note(notes, format!("round {round}, {} memory: {e:#}", sys.label()));
+            note(
+                notes,
+                format!("round {round}, {} memory: {e:#}", sys.label()),
+            );
             return f;
         }
     };
@@ -1698,11 +1842,16 @@ async fn memory(
     );
     let mut conns: Vec<TcpStream> = Vec::new();
     for target in s.connection_steps() {
+        // What the open-file limit allows; the figure is per connection open.
+        let goal = target.min(ctx.max_idle_for(sys));
+        if goal < conns.len() {
+            break;
+        }
         let started = Instant::now();
-        let outcome = open_idle(pair.entry, target.saturating_sub(conns.len()), &mut conns).await;
+        let outcome = open_idle(pair.entry, goal - conns.len(), &mut conns).await;
         let open_secs = started.elapsed().as_secs_f64();
         tokio::time::sleep(s.args.idle_settle).await;
-        f.insert(format!("reached_{target}"), conns.len() as f64);
+        f.insert(format!("conns_{target}"), conns.len() as f64);
         if let Err(e) = pair.check_alive() {
             note(
                 notes,
@@ -1718,15 +1867,20 @@ async fn memory(
         let Ok(rss) = pair.rss() else { break };
         f.insert(format!("rss_client_kib_{target}"), rss.0 as f64);
         f.insert(format!("rss_server_kib_{target}"), rss.1 as f64);
-        f.insert(format!("threads_{target}"), (pair.client.threads() + pair.server.threads()) as f64);
+        f.insert(
+            format!("threads_{target}"),
+            (pair.client.threads() + pair.server.threads()) as f64,
+        );
         let grown = (rss.0 + rss.1) as f64 - (idle.0 + idle.1) as f64;
         match outcome {
             Ok(()) => {
                 let per = grown / conns.len().max(1) as f64;
                 f.insert(format!("kib_per_conn_{target}"), per);
                 eprintln!(
-                    "  {target} idle connections (opened in {open_secs:.1} s): RSS {} + {} KiB, {per:.1} KiB per connection",
-                    rss.0, rss.1
+                    "  {} idle connections (opened in {open_secs:.1} s): RSS {} + {} KiB, {per:.1} KiB per connection",
+                    conns.len(),
+                    rss.0,
+                    rss.1
                 );
             }
             Err(e) => {
@@ -1833,9 +1987,9 @@ async fn tls_check(ctx: &Ctx, sys: System, backend: &Backend) -> Result<TlsCheck
         let proc = start_side(ctx, sys, Side::Client, entry, probe_addr)?;
         let mut seen = Vec::new();
         for _ in 0..PROBE_CONNECTIONS {
-            let tcp = echo_conn(entry)
-                .await
-                .with_context(|| format!("a connection through {} to the probe server", proc.name))?;
+            let tcp = echo_conn(entry).await.with_context(|| {
+                format!("a connection through {} to the probe server", proc.name)
+            })?;
             drop(tcp);
             let hs = rx
                 .recv_timeout(CONNECT_TIMEOUT)
@@ -2035,7 +2189,8 @@ impl CryptoCost {
         let signature = key
             .sign(&rng, &message)
             .map_err(|_| anyhow!("P-256 sign failed"))?;
-        let public = UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, key.public_key().as_ref().to_vec());
+        let public =
+            UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, key.public_key().as_ref().to_vec());
         let sign_us = per_op_us(each, || {
             let s = key.sign(&rng, &message).map_err(|_| anyhow!("sign"))?;
             std::hint::black_box(s);
@@ -2052,7 +2207,8 @@ impl CryptoCost {
             .map_err(|_| anyhow!("x25519"))?;
         let peer = peer.as_ref().to_vec();
         let x25519_us = per_op_us(each, || {
-            let mine = EphemeralPrivateKey::generate(&X25519, &rng).map_err(|_| anyhow!("x25519"))?;
+            let mine =
+                EphemeralPrivateKey::generate(&X25519, &rng).map_err(|_| anyhow!("x25519"))?;
             let public = mine.compute_public_key().map_err(|_| anyhow!("x25519"))?;
             std::hint::black_box(public.as_ref());
             agree_ephemeral(
@@ -2146,7 +2302,14 @@ async fn issuance(s: &Settings, ctx: &Ctx) -> Result<Value> {
         out.clone().into_os_string(),
     ];
     if s.args.quick {
-        for a in ["--duration", "3s", "--warmup", "1s", "--crypto-duration", "1s"] {
+        for a in [
+            "--duration",
+            "3s",
+            "--warmup",
+            "1s",
+            "--crypto-duration",
+            "1s",
+        ] {
             args.push(a.into());
         }
     }
@@ -2198,7 +2361,11 @@ fn process_tree(pid: u32) -> Vec<u32> {
     let mut parents: Vec<(u32, u32)> = Vec::new();
     if let Ok(dir) = fs::read_dir("/proc") {
         for entry in dir.flatten() {
-            let Some(p) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            let Some(p) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
                 continue;
             };
             let Ok(text) = fs::read_to_string(format!("/proc/{p}/stat")) else {
@@ -2290,7 +2457,11 @@ fn clock_ticks_per_second() -> f64 {
 fn command_line(program: &Path, args: &[&str]) -> String {
     match Command::new(program).args(args).output() {
         Ok(o) => {
-            let out = if o.stdout.is_empty() { o.stderr } else { o.stdout };
+            let out = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
             String::from_utf8_lossy(&out)
                 .lines()
                 .map(str::trim)
@@ -2306,8 +2477,11 @@ fn machine_facts(ctx: &Ctx) -> Vec<(&'static str, String)> {
     let cpu = fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|x| x.1.trim().to_owned()))
+            t.lines().find_map(|l| {
+                l.strip_prefix("model name")?
+                    .split_once(':')
+                    .map(|x| x.1.trim().to_owned())
+            })
         })
         .unwrap_or_else(|| "unknown".into());
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
@@ -2330,12 +2504,22 @@ fn machine_facts(ctx: &Ctx) -> Vec<(&'static str, String)> {
         ("nproc", nproc.to_string()),
         ("cpu", cpu),
         ("kernel", kernel),
-        ("memory", fs::read_to_string("/proc/meminfo").ok().and_then(|m| m.lines().next().map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))).unwrap_or_default()),
+        (
+            "memory",
+            fs::read_to_string("/proc/meminfo")
+                .ok()
+                .and_then(|m| {
+                    m.lines()
+                        .next()
+                        .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
+                })
+                .unwrap_or_default(),
+        ),
         (
             "palisade-sidecar",
-            ctx.sidecar
-                .as_ref()
-                .map_or("not used".into(), |s| format!("{} ({})", s.version, s.path.display())),
+            ctx.sidecar.as_ref().map_or("not used".into(), |s| {
+                format!("{} ({})", s.version, s.path.display())
+            }),
         ),
         ("haproxy", command_line(Path::new("haproxy"), &["-v"])),
         ("nginx", command_line(Path::new("nginx"), &["-v"])),
@@ -2381,7 +2565,9 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 /// `v` with `decimals`, thousands grouped.
 fn num(v: f64, decimals: usize) -> String {
     let text = format!("{:.*}", decimals, v.abs());
-    let (int, frac) = text.split_once('.').map_or((text.as_str(), ""), |(i, f)| (i, f));
+    let (int, frac) = text
+        .split_once('.')
+        .map_or((text.as_str(), ""), |(i, f)| (i, f));
     let mut grouped = String::new();
     for (i, c) in int.chars().enumerate() {
         if i > 0 && (int.len() - i) % 3 == 0 {
@@ -2459,7 +2645,10 @@ impl Report<'_> {
     /// The memory cell: KiB per connection, or how far it got.
     fn memory_cell(&self, sys: System, step: usize) -> String {
         if let Some(v) = self.med(sys, &format!("kib_per_conn_{step}")) {
-            return num(v, 1);
+            return match self.med(sys, &format!("conns_{step}")) {
+                Some(n) if n < step as f64 => format!("{} (at {})", num(v, 1), num(n, 0)),
+                _ => num(v, 1),
+            };
         }
         match self.med(sys, &format!("failed_at_{step}")) {
             Some(n) => format!("failed at {}", num(n, 0)),
@@ -2625,7 +2814,10 @@ impl Report<'_> {
     fn markdown(&self) -> String {
         let s = self.s;
         let mut out = String::new();
-        let _ = writeln!(out, "\n## Proxy benchmark: Palisade, haproxy, nginx, stunnel\n");
+        let _ = writeln!(
+            out,
+            "\n## Proxy benchmark: Palisade, haproxy, nginx, stunnel\n"
+        );
         let _ = writeln!(
             out,
             "- date: {}",
@@ -2643,7 +2835,7 @@ impl Report<'_> {
             out,
             "- method: {} round(s), systems alternating within each round; bulk and connection \
              windows {:.1} s after {:.1} s warm-up; {} connecting clients; {} latency round trips \
-             of 1 KiB (after {LATENCY_WARMUP}); idle connections {} held {:.1} s; load generator \
+             of 1 KiB (after {LATENCY_WARMUP}); idle connections: {}; load generator \
              on {} tokio thread(s) and backend on 1 thread, both in this process; medians of the rounds",
             s.rounds,
             s.duration.as_secs_f64(),
@@ -2653,13 +2845,16 @@ impl Report<'_> {
             if s.args.skip_memory {
                 "skipped".to_owned()
             } else {
-                s.connection_steps()
-                    .iter()
-                    .map(|n| num(*n as f64, 0))
-                    .collect::<Vec<_>>()
-                    .join(" / ")
+                format!(
+                    "{} (cumulative), {:.1} s idle before reading RSS",
+                    s.connection_steps()
+                        .iter()
+                        .map(|n| num(*n as f64, 0))
+                        .collect::<Vec<_>>()
+                        .join(" then "),
+                    s.args.idle_settle.as_secs_f64()
+                )
             },
-            s.args.idle_settle.as_secs_f64(),
             s.args.client_threads,
         );
         let _ = writeln!(out);
@@ -2836,39 +3031,65 @@ impl Report<'_> {
                             out,
                             "| {} | {} | {} | {} | {}/{} | {} | {} | {}/{} |",
                             sys.label(),
-                            summary(&c.client, |h| format!("{} {} {}", h.version, h.suite, h.group)),
-                            summary(&c.client, |h| if h.peer_cert { "yes".into() } else { "no".into() }),
+                            summary(&c.client, |h| format!(
+                                "{} {} {}",
+                                h.version, h.suite, h.group
+                            )),
+                            summary(&c.client, |h| if h.peer_cert {
+                                "yes".into()
+                            } else {
+                                "no".into()
+                            }),
                             summary(&c.client, |h| h.alpn.clone()),
                             c.client.iter().filter(|h| h.resumed).count(),
                             c.client.len(),
-                            summary(&c.server, |h| format!("{} {} {}", h.version, h.suite, h.group)),
+                            summary(&c.server, |h| format!(
+                                "{} {} {}",
+                                h.version, h.suite, h.group
+                            )),
                             c.tickets,
                             c.server.iter().filter(|h| h.resumed).count(),
                             c.server.len(),
                         );
                     }
                     Err(e) => {
-                        let _ = writeln!(out, "| {} | failed: {} | | | | | | |", sys.label(), e.replace('\n', " "));
+                        let _ = writeln!(
+                            out,
+                            "| {} | failed: {} | | | | | | |",
+                            sys.label(),
+                            e.replace('\n', " ")
+                        );
                     }
                 }
             }
         }
 
         // Notes.
-        let mut notes = vec![
-            "stunnel runs a thread per connection and cannot be limited to one worker thread; \
-             haproxy runs `nbthread 1`, nginx `worker_processes 1`, Palisade `--worker-threads 1` \
-             (each sidecar also has its runtime's helper threads)."
-                .to_owned(),
-            "haproxy 2.6 has no `curves` keyword for server lines: its client side offers \
-             OpenSSL's default groups (X25519 first, so X25519 is negotiated with one key share); \
-             the server side allows X25519 only."
-                .to_owned(),
+        let ran = |x: System| self.results.rounds.contains_key(&x);
+        let mut notes = Vec::new();
+        if ran(System::Stunnel) {
+            notes.push(
+                "stunnel runs a thread per connection and cannot be limited to one worker \
+                 thread; haproxy runs `nbthread 1`, nginx `worker_processes 1`, Palisade \
+                 `--worker-threads 1` (each sidecar also has its runtime's helper threads)."
+                    .to_owned(),
+            );
+        }
+        if ran(System::Haproxy) {
+            notes.push(
+                "haproxy 2.6 has no `curves` keyword for server lines: its client side offers \
+                 OpenSSL's default groups (X25519 first, so X25519 is negotiated with one key \
+                 share); the server side allows X25519 only. It sends 2 TLS 1.3 tickets per \
+                 handshake that cannot be redeemed (session cache off; 2.6 cannot set NumTickets)."
+                    .to_owned(),
+            );
+        }
+        notes.push(
             "The load generator and the backend share the machine with the proxies; on a 2-core \
              machine every figure is contended, which is why systems alternate and ratios matter \
              more than absolute figures."
                 .to_owned(),
-        ];
+        );
         if let Some(other) = median(
             self.results
                 .rounds
@@ -2984,7 +3205,7 @@ fn summary(hs: &[Handshake], f: impl Fn(&Handshake) -> String) -> String {
 }
 
 fn short(n: usize) -> String {
-    if n >= 1000 && n % 1000 == 0 {
+    if n >= 1000 && n.is_multiple_of(1000) {
         format!("{}k", n / 1000)
     } else {
         n.to_string()
