@@ -26,7 +26,7 @@ pub const BUFFER: usize = 64 * 1024;
 const FILL_MORE: usize = 16 * 1024;
 
 /// Buffers a thread keeps for reuse; beyond this they are freed.
-const POOL_MAX: usize = 16;
+const POOL_MAX: usize = 8;
 
 thread_local! {
     static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
