@@ -79,6 +79,7 @@ use clap::Parser;
 use palisade_proto::identity::v1::{
     CertifyRequest, CertifyResponse, identity_client::IdentityClient,
 };
+use palisade_tests::process_ticks;
 use rcgen::{
     CertificateParams, DistinguishedName, KeyPair, PublicKeyData, SanType, string::Ia5String,
 };
@@ -959,28 +960,6 @@ impl CpuSample {
             machine: MachineTicks::read()?,
         })
     }
-}
-
-/// utime + stime of a process (all its threads), in clock ticks.
-fn process_ticks(pid: &str) -> Result<u64> {
-    let path = format!("/proc/{pid}/stat");
-    let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    // The command name may hold spaces and parentheses; the fields follow the last `)`.
-    let fields: Vec<&str> = text
-        .rsplit_once(')')
-        .with_context(|| format!("{path} has no `(comm)` field"))?
-        .1
-        .split_whitespace()
-        .collect();
-    // Fields 14 and 15 of proc(5); `fields[0]` is field 3 (state).
-    let field = |i: usize| -> Result<u64> {
-        fields
-            .get(i)
-            .with_context(|| format!("{path} is too short"))?
-            .parse()
-            .with_context(|| format!("{path}: field {} is not a number", i + 3))
-    };
-    Ok(field(11)? + field(12)?)
 }
 
 // === impl MachineTicks ===

@@ -99,7 +99,7 @@ use aws_lc_rs::{
     },
 };
 use clap::{Parser, ValueEnum};
-use palisade_tests::http_get;
+use palisade_tests::{http_get, process_ticks};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -2330,26 +2330,6 @@ async fn issuance(s: &Settings, ctx: &Ctx) -> Result<Value> {
 }
 
 // === /proc ===
-
-/// utime + stime of a process (all its threads, live and exited), in ticks.
-fn process_ticks(pid: &str) -> Result<u64> {
-    let path = format!("/proc/{pid}/stat");
-    let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    let fields: Vec<&str> = text
-        .rsplit_once(')')
-        .with_context(|| format!("{path} has no `(comm)`"))?
-        .1
-        .split_whitespace()
-        .collect();
-    let field = |i: usize| -> Result<u64> {
-        fields
-            .get(i)
-            .with_context(|| format!("{path} is too short"))?
-            .parse()
-            .with_context(|| format!("{path}: field {} is not a number", i + 3))
-    };
-    Ok(field(11)? + field(12)?)
-}
 
 fn process_state(pid: u32) -> Option<char> {
     let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
