@@ -727,6 +727,21 @@ def test_each_render_without_a_cluster_makes_a_new_root() -> None:
     assert first != second
 
 
+class JsonHandler(http.server.BaseHTTPRequestHandler):
+    """A quiet request handler that answers JSON, as an API server does."""
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _send(self, code: int, body: Any) -> None:
+        raw = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+
 class _FakeApiServer:
     """Just enough of an API server for Helm's `lookup` of one Secret."""
 
@@ -734,18 +749,7 @@ class _FakeApiServer:
         self.requests: list[str] = []
         outer = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _send(self, code: int, body: dict[str, Any]) -> None:
-                raw = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
+        class Handler(JsonHandler):
             def do_GET(self) -> None:
                 path = self.path.split("?")[0]
                 outer.requests.append(path)

@@ -30,7 +30,7 @@ from typing import Any
 import jsonpatch
 import pytest
 
-from test_chart import NAMESPACE, REPO, docs_of, env_of, injection_config, one
+from test_chart import NAMESPACE, REPO, JsonHandler, docs_of, env_of, injection_config, one
 
 BINARY = REPO / "target" / "debug" / "palisade-control-plane"
 FIXTURE = REPO / "tests" / "fixtures" / "admission" / "ordinary-pod.json"
@@ -54,18 +54,7 @@ class FakeApiServer:
         outer = self
         webhook_path = f"/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{webhook['metadata']['name']}"
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _send(self, code: int, body: Any) -> None:
-                raw = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
+        class Handler(JsonHandler):
             def _body(self) -> bytes:
                 return self.rfile.read(int(self.headers.get("Content-Length", "0")))
 

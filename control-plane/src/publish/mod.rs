@@ -73,6 +73,22 @@ pub struct BundlePublisher {
     written: HashMap<String, (String, Instant)>,
 }
 
+/// The trust bundle as written into ConfigMaps, with its digest.
+#[derive(Debug)]
+struct Bundle {
+    pem: String,
+    digest: String,
+}
+
+impl Bundle {
+    fn of(pem: String) -> Self {
+        Self {
+            digest: hex::encode(Sha256::digest(pem.as_bytes())),
+            pem,
+        }
+    }
+}
+
 /// A failed API call.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -158,8 +174,10 @@ impl BundlePublisher {
         if self.config.bundle_configmap.is_some() {
             match self.injected_namespaces().await {
                 Ok(namespaces) => {
+                    // One encoding of the bundle for the whole pass.
+                    let bundle = Bundle::of(self.bundle_pem());
                     for ns in namespaces {
-                        if let Err(error) = self.ensure_configmap(&ns).await {
+                        if let Err(error) = self.ensure_configmap_with(&ns, &bundle).await {
                             ok = false;
                             warn!(namespace = %ns, %error, "cannot write the trust bundle ConfigMap");
                         }
@@ -225,13 +243,21 @@ impl BundlePublisher {
     /// Writes the bundle ConfigMap into `namespace` unless this replica wrote
     /// the same bundle there within the resync interval.
     pub async fn ensure_configmap(&mut self, namespace: &str) -> Result<bool, PublishError> {
+        let bundle = Bundle::of(self.bundle_pem());
+        self.ensure_configmap_with(namespace, &bundle).await
+    }
+
+    async fn ensure_configmap_with(
+        &mut self,
+        namespace: &str,
+        bundle: &Bundle,
+    ) -> Result<bool, PublishError> {
         let Some(name) = self.config.bundle_configmap.clone() else {
             return Ok(false);
         };
-        let pem = self.bundle_pem();
-        let digest = hex::encode(Sha256::digest(pem.as_bytes()));
+        let Bundle { pem, digest } = bundle;
         if let Some((written, at)) = self.written.get(namespace)
-            && *written == digest
+            && written == digest
             && at.elapsed() < self.config.resync
         {
             return Ok(false);
@@ -261,7 +287,7 @@ impl BundlePublisher {
         result?;
         info!(%namespace, configmap = %name, bundle = %&digest[..16], "wrote the trust bundle ConfigMap");
         self.written
-            .insert(namespace.to_owned(), (digest, Instant::now()));
+            .insert(namespace.to_owned(), (digest.clone(), Instant::now()));
         Ok(true)
     }
 
