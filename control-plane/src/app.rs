@@ -20,7 +20,7 @@ use palisade_runtime::{
 };
 
 use crate::{
-    authn::{Authenticator, AuthnError, KubernetesAuthenticator, StaticTokens},
+    authn::{Authenticator, KubernetesAuthenticator, StaticTokens},
     ca::{CaStore, Reload},
     config::{AuthenticatorConfig, ServeConfig},
     grpc::{self, ServerLimits, ServingCert},
@@ -28,7 +28,7 @@ use crate::{
         InjectionConfig, Injector,
         server::{self as webhook, WebhookLimits},
     },
-    metrics::Metrics,
+    metrics::{Metrics, Outcome, ReloadSource},
     publish::BundlePublisher,
     service::IdentityService,
 };
@@ -84,7 +84,7 @@ impl App {
             ),
         };
 
-        metrics.authenticator_ready(authenticator.name(), &AuthnError::REASONS);
+        metrics.authenticator_ready(authenticator.kind());
 
         let grpc = TcpListener::bind(config.grpc_addr)
             .await
@@ -296,7 +296,7 @@ async fn watch_ca(ca: Arc<CaStore>, metrics: Metrics, stop: impl Future<Output =
         Ok(Reload::Unchanged) => {}
         Ok(Reload::Replaced) => {
             let issuer = ca.issuer();
-            metrics.reloaded("issuer", true);
+            metrics.reloaded(ReloadSource::Issuer, Outcome::Success);
             metrics.issuer_loaded(issuer.not_after(), issuer.bundle().len());
             info!(
                 issuer = %issuer.fingerprint(),
@@ -306,7 +306,7 @@ async fn watch_ca(ca: Arc<CaStore>, metrics: Metrics, stop: impl Future<Output =
             );
         }
         Err(error) => {
-            metrics.reloaded("issuer", false);
+            metrics.reloaded(ReloadSource::Issuer, Outcome::Failure);
             let current = ca.issuer();
             warn!(
                 %error,
@@ -331,11 +331,11 @@ async fn watch_injection_config(
         Ok(config) if config == *injector.config() => {}
         Ok(config) => {
             injector.set_config(config);
-            metrics.reloaded("injection_config", true);
+            metrics.reloaded(ReloadSource::InjectionConfig, Outcome::Success);
             info!(file = %path.display(), "reloaded the injection configuration");
         }
         Err(error) => {
-            metrics.reloaded("injection_config", false);
+            metrics.reloaded(ReloadSource::InjectionConfig, Outcome::Failure);
             warn!(%error, "refused the changed injection configuration; the previous one stays in use");
         }
     })
@@ -354,11 +354,11 @@ async fn watch_tokens(
     reload_on_change(tokens.path(), stop, || match tokens.reload() {
         Ok(None) => {}
         Ok(Some(n)) => {
-            metrics.reloaded("static_tokens", true);
+            metrics.reloaded(ReloadSource::StaticTokens, Outcome::Success);
             info!(tokens = n, file = %tokens.path().display(), "reloaded the static token file");
         }
         Err(error) => {
-            metrics.reloaded("static_tokens", false);
+            metrics.reloaded(ReloadSource::StaticTokens, Outcome::Failure);
             warn!(%error, "refused the changed token file; the previous tokens stay in use");
         }
     })

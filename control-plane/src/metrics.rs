@@ -1,10 +1,37 @@
 //! The control plane's Prometheus metrics, registered on one [`Registry`].
+//!
+//! Every label is a closed set, an enum of the module that decides it:
+//! [`crate::service::Reason`], [`crate::authn::Reason`] and
+//! [`crate::authn::Kind`], [`crate::inject::ReviewResult`] and
+//! [`crate::inject::ReviewReason`], [`crate::publish::Target`],
+//! [`ReloadSource`] and [`Outcome`].
 
 use std::time::{Duration, SystemTime};
 
-use prometheus::{
-    Gauge, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, core::Collector,
+use palisade_runtime::metrics::{Families, Family, Label};
+pub use palisade_runtime::metrics::{LabelValue, Outcome};
+use prometheus::{Gauge, Histogram, IntCounterVec, IntGauge, Registry};
+
+use crate::{
+    authn,
+    inject::{ReviewReason, ReviewResult},
+    publish, service,
 };
+
+/// The `reason` of a certificate issued.
+pub const ISSUED_OK: &str = "ok";
+
+/// Which watched file was reloaded: the `source` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum ReloadSource {
+    /// The CA directory (issuer, key, bundle).
+    Issuer,
+    /// The `static` authenticator's token file.
+    StaticTokens,
+    /// The webhook's injection configuration.
+    InjectionConfig,
+}
 
 /// Counters and gauges of the CA and its authenticators.
 #[derive(Clone, Debug)]
@@ -25,84 +52,86 @@ pub struct Metrics {
 impl Metrics {
     /// Creates the metrics and registers them on `registry`.
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
-        let issued = IntCounterVec::new(
-            Opts::new(
-                "palisade_ca_certificates_issued_total",
-                "Certify requests answered, by result (success or failure) and reason.",
-            ),
-            &["result", "reason"],
+        Self::build(registry).map(|(metrics, _)| metrics)
+    }
+
+    /// Every family the control plane registers, with its labels and their values.
+    pub fn describe() -> Result<Vec<Family>, prometheus::Error> {
+        Self::build(&Registry::new()).map(|(_, families)| families)
+    }
+
+    fn build(registry: &Registry) -> Result<(Self, Vec<Family>), prometheus::Error> {
+        let mut f = Families::new(registry);
+        let issue_reasons = std::iter::once(ISSUED_OK)
+            .chain(service::Reason::names())
+            .collect();
+        let issued = f.counter_vec(
+            "palisade_ca_certificates_issued_total",
+            "Certify requests answered, by result (success or failure) and reason.",
+            vec![
+                Label::closed::<Outcome>("result"),
+                Label::closed_with("reason", issue_reasons),
+            ],
         )?;
-        let issue_duration = Histogram::with_opts(
-            HistogramOpts::new(
-                "palisade_ca_issue_duration_seconds",
-                "Time to answer a Certify request: authentication, CSR checks and signing.",
-            )
-            .buckets(vec![
+        let issue_duration = f.histogram(
+            "palisade_ca_issue_duration_seconds",
+            "Time to answer a Certify request: authentication, CSR checks and signing.",
+            vec![
                 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-            ]),
+            ],
         )?;
-        let issuer_expiration = Gauge::new(
+        let issuer_expiration = f.gauge(
             "palisade_ca_issuer_expiration_timestamp_seconds",
             "When the current issuer certificate expires (Unix time).",
         )?;
-        let bundle_roots = IntGauge::new(
+        let bundle_roots = f.int_gauge(
             "palisade_ca_trust_bundle_roots",
             "Roots in the trust bundle the control plane hands out.",
         )?;
-        let authn_failures = IntCounterVec::new(
-            Opts::new(
-                "palisade_ca_authentication_failures_total",
-                "Certify requests whose token did not authenticate, by authenticator and reason.",
-            ),
-            &["authenticator", "reason"],
+        let authn_failures = f.counter_vec(
+            "palisade_ca_authentication_failures_total",
+            "Certify requests whose token did not authenticate, by authenticator and reason.",
+            vec![
+                Label::closed::<authn::Kind>("authenticator"),
+                Label::closed::<authn::Reason>("reason"),
+            ],
         )?;
-        let reloads = IntCounterVec::new(
-            Opts::new(
-                "palisade_ca_reloads_total",
-                "Reloads of watched files, by source (issuer, static_tokens) and result.",
-            ),
-            &["source", "result"],
+        let reloads = f.counter_vec(
+            "palisade_ca_reloads_total",
+            "Reloads of watched files, by source (issuer, static_tokens) and result.",
+            vec![
+                Label::closed::<ReloadSource>("source"),
+                Label::closed::<Outcome>("result"),
+            ],
         )?;
-        let reviews = IntCounterVec::new(
-            Opts::new(
-                "palisade_webhook_reviews_total",
-                "AdmissionReviews answered by the injection webhook, by result (injected, skipped, denied, invalid) and reason.",
-            ),
-            &["result", "reason"],
+        let reviews = f.counter_vec(
+            "palisade_webhook_reviews_total",
+            "AdmissionReviews answered by the injection webhook, by result (injected, skipped, denied, invalid) and reason.",
+            vec![
+                Label::closed::<ReviewResult>("result"),
+                Label::closed::<ReviewReason>("reason"),
+            ],
         )?;
-        let review_duration = Histogram::with_opts(
-            HistogramOpts::new(
-                "palisade_webhook_review_duration_seconds",
-                "Time to answer one AdmissionReview, from the parsed body to the response.",
-            )
-            .buckets(vec![
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05,
-            ]),
+        let review_duration = f.histogram(
+            "palisade_webhook_review_duration_seconds",
+            "Time to answer one AdmissionReview, from the parsed body to the response.",
+            vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05],
         )?;
-        let publications = IntCounterVec::new(
-            Opts::new(
-                "palisade_bundle_publications_total",
-                "Writes of the trust bundle into the cluster, by target (webhook_ca_bundle, configmap) and result.",
-            ),
-            &["target", "result"],
+        let publications = f.counter_vec(
+            "palisade_bundle_publications_total",
+            "Writes of the trust bundle into the cluster, by target (webhook_ca_bundle, configmap) and result.",
+            vec![
+                Label::closed::<publish::Target>("target"),
+                Label::closed::<Outcome>("result"),
+            ],
         )?;
-        let collectors: [Box<dyn Collector>; 9] = [
-            Box::new(issued.clone()),
-            Box::new(issue_duration.clone()),
-            Box::new(issuer_expiration.clone()),
-            Box::new(bundle_roots.clone()),
-            Box::new(authn_failures.clone()),
-            Box::new(reloads.clone()),
-            Box::new(reviews.clone()),
-            Box::new(review_duration.clone()),
-            Box::new(publications.clone()),
-        ];
-        for c in collectors {
-            registry.register(c)?;
-        }
+
         // Present from the start, so rate() and absence alerts work before the first request.
-        issued.with_label_values(&["success", "ok"]);
-        Ok(Self {
+        issued.with_label_values(&[Outcome::Success.as_str(), ISSUED_OK]);
+        for reason in service::Reason::ALL {
+            issued.with_label_values(&[Outcome::Failure.as_str(), reason.as_str()]);
+        }
+        let metrics = Self {
             issued,
             issue_duration,
             issuer_expiration,
@@ -112,22 +141,26 @@ impl Metrics {
             reviews,
             review_duration,
             publications,
-        })
+        };
+        Ok((metrics, f.into_described()))
     }
 
     /// Counts a Certify answer and its duration.
-    pub fn issue_finished(&self, reason: Result<(), &'static str>, elapsed: Duration) {
-        match reason {
-            Ok(()) => self.issued.with_label_values(&["success", "ok"]).inc(),
-            Err(reason) => self.issued.with_label_values(&["failure", reason]).inc(),
-        }
+    pub fn issue_finished(&self, outcome: Result<(), service::Reason>, elapsed: Duration) {
+        let (result, reason) = match outcome {
+            Ok(()) => (Outcome::Success, ISSUED_OK),
+            Err(reason) => (Outcome::Failure, reason.as_str()),
+        };
+        self.issued
+            .with_label_values(&[result.as_str(), reason])
+            .inc();
         self.issue_duration.observe(elapsed.as_secs_f64());
     }
 
     /// Counts a token that did not authenticate.
-    pub fn authn_failed(&self, authenticator: &'static str, reason: &'static str) {
+    pub fn authn_failed(&self, authenticator: authn::Kind, reason: authn::Reason) {
         self.authn_failures
-            .with_label_values(&[authenticator, reason])
+            .with_label_values(&[authenticator.as_str(), reason.as_str()])
             .inc();
     }
 
@@ -143,34 +176,44 @@ impl Metrics {
     }
 
     /// Counts a reload of a watched file.
-    pub fn reloaded(&self, source: &'static str, ok: bool) {
-        let result = if ok { "success" } else { "failure" };
-        self.reloads.with_label_values(&[source, result]).inc();
+    pub fn reloaded(&self, source: ReloadSource, result: Outcome) {
+        self.reloads
+            .with_label_values(&[source.as_str(), result.as_str()])
+            .inc();
     }
 
     /// Counts an answered AdmissionReview and its duration.
-    pub fn review_finished(&self, result: &'static str, reason: &'static str, elapsed: Duration) {
-        self.reviews.with_label_values(&[result, reason]).inc();
+    pub fn review_finished(&self, result: ReviewResult, reason: ReviewReason, elapsed: Duration) {
+        self.reviews
+            .with_label_values(&[result.as_str(), reason.as_str()])
+            .inc();
         self.review_duration.observe(elapsed.as_secs_f64());
     }
 
     /// Counts a write of the trust bundle into the cluster.
-    pub fn published(&self, target: &'static str, ok: bool) {
-        let result = if ok { "success" } else { "failure" };
-        self.publications.with_label_values(&[target, result]).inc();
+    pub fn published(&self, target: publish::Target, result: Outcome) {
+        self.publications
+            .with_label_values(&[target.as_str(), result.as_str()])
+            .inc();
     }
 
     /// Starts the authentication-failure counters of `authenticator` at zero
     /// for every reason, so rate() and alerts see them before the first failure.
-    pub fn authenticator_ready(&self, authenticator: &'static str, reasons: &[&'static str]) {
-        for reason in reasons {
+    pub fn authenticator_ready(&self, authenticator: authn::Kind) {
+        for reason in authn::Reason::ALL {
             self.authn_failures
-                .with_label_values(&[authenticator, reason]);
+                .with_label_values(&[authenticator.as_str(), reason.as_str()]);
         }
     }
 
-    /// Starts the webhook's counter of injected pods at zero.
+    /// Starts the webhook's counters at zero: every result each reason can
+    /// be counted under.
     pub fn webhook_ready(&self) {
-        self.reviews.with_label_values(&["injected", "injected"]);
+        for reason in ReviewReason::ALL {
+            for result in reason.results() {
+                self.reviews
+                    .with_label_values(&[result.as_str(), reason.as_str()]);
+            }
+        }
     }
 }

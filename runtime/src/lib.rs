@@ -3,11 +3,14 @@
 //! - [`watch`]: file change notification for hot reloads.
 //! - [`admin`]: the admin server: `/metrics`, `/ready`, `/live`, `/config`.
 //! - [`telemetry`]: logging setup.
+//! - [`metrics`]: closed label sets as types, and the catalogue of registered
+//!   metric families that `docs/metrics.md` is checked against.
 //! - [`exit_code`]: how a binary reports a fatal error.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod metrics;
 pub mod telemetry;
 pub mod watch;
 

@@ -4,6 +4,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::SystemTime};
 
 use anyhow::Context;
 use palisade_proto::SpiffeId;
+use palisade_runtime::metrics::Outcome;
 use palisade_runtime::{
     admin::{self, AdminState},
     watch::reload_on_change,
@@ -122,7 +123,7 @@ impl App {
                 listener,
                 stop.clone(),
                 |peer| info_span!("inbound", %peer, dst = Empty, identity = Empty),
-                move |proxy, tcp, permit| inbound::handle(proxy, target.clone(), tcp, permit),
+                move |proxy, tcp| inbound::handle(proxy, target.clone(), tcp),
             ));
         }
         for (listener, target) in outbound {
@@ -132,7 +133,7 @@ impl App {
                 listener,
                 stop.clone(),
                 |peer| info_span!("outbound", %peer, dst = Empty, identity = Empty),
-                move |proxy, tcp, permit| outbound::handle(proxy, target.clone(), tcp, permit),
+                move |proxy, tcp| outbound::handle(proxy, target.clone(), tcp),
             ));
         }
 
@@ -212,12 +213,12 @@ async fn accept<H, F>(
     span: fn(SocketAddr) -> tracing::Span,
     handle: H,
 ) where
-    H: Fn(Arc<Proxy>, tokio::net::TcpStream, tokio::sync::OwnedSemaphorePermit) -> F,
+    H: Fn(Arc<Proxy>, tokio::net::TcpStream) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
     let handler_proxy = proxy.clone();
-    proxy::serve(proxy, listener, stop, span, move |tcp, _peer, permit| {
-        handle(handler_proxy.clone(), tcp, permit)
+    proxy::serve(proxy, listener, stop, span, move |tcp, _peer| {
+        handle(handler_proxy.clone(), tcp)
     })
     .await;
 }
@@ -264,7 +265,7 @@ fn reload_credentials(dir: &std::path::Path, store: &CertStore, metrics: &Metric
     match files::load(dir, store, SystemTime::now()) {
         Ok(None) => {}
         Ok(Some(configs)) => {
-            metrics.renewal(true);
+            metrics.renewal(Outcome::Success);
             metrics.certificate_installed(
                 configs.identity().as_str(),
                 (configs.not_before(), configs.not_after()),
@@ -278,7 +279,7 @@ fn reload_credentials(dir: &std::path::Path, store: &CertStore, metrics: &Metric
             );
         }
         Err(error) => {
-            metrics.renewal(false);
+            metrics.renewal(Outcome::Failure);
             let keeping = store.current().map(|c| c.identity().to_string());
             warn!(%error, dir = %dir.display(), ?keeping, "refused the credentials; keeping what is in use");
         }

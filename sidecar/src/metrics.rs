@@ -1,24 +1,91 @@
 //! The sidecar's Prometheus metrics, registered on one [`Registry`].
 //!
-//! Label sets are bounded: `direction` (inbound/outbound), `result`
-//! (success/failure), `reason` (a closed set, see [`crate::tls::failure_reason`]),
-//! `security` (mtls/plaintext), `flow` (request/response), and peer identities,
-//! which are as many as the mesh has service accounts.
+//! Label sets are bounded. The closed ones are the enums below
+//! ([`Direction`], [`HandshakeFailure`], [`Security`], [`Flow`]) and
+//! [`Outcome`]; the open ones are peer identities (as many as the mesh has
+//! service accounts, and only ones a CA of the bundle vouched for) and the
+//! ports of the pod's own app.
 
 use std::time::{Duration, SystemTime};
 
+use palisade_runtime::metrics::{Families, Family, Label};
+pub use palisade_runtime::metrics::{LabelValue, Outcome};
 use prometheus::{
-    GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, core::Collector,
+    GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry,
 };
 
+/// The `reason` of a successful handshake.
+pub const HANDSHAKE_OK: &str = "ok";
+
 /// Which side of the pod a connection is on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum Direction {
     /// From a peer into this pod's app.
     Inbound,
     /// From this pod's app out to a peer.
     Outbound,
+}
+
+/// Why a connection did not get through its mesh handshake: the `reason` of
+/// `palisade_tls_handshakes_total{result="failure"}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum HandshakeFailure {
+    /// The peer's chain leads to no root of the bundle (or its signature is bad).
+    UnknownCa,
+    /// The peer's certificate has expired, or ours has (we fail closed).
+    Expired,
+    /// The peer's certificate is not valid yet: a clock is off.
+    NotYetValid,
+    /// The peer's certificate has no single SPIFFE ID as URI SAN.
+    BadIdentity,
+    /// The peer's SPIFFE ID belongs to another trust domain.
+    WrongTrustDomain,
+    /// The peer is not the identity this destination requires.
+    UnexpectedIdentity,
+    /// Another problem with the peer's certificate.
+    BadCertificate,
+    /// The client sent no certificate.
+    NoClientCert,
+    /// No common TLS version, suite or group (a TLS 1.2-only client, say).
+    Incompatible,
+    /// TLS without the mesh ALPN `palisade/1`, refused in strict mode.
+    NoAlpn,
+    /// Not TLS at all, refused in strict mode.
+    Plaintext,
+    /// Not a well-formed TLS handshake.
+    Protocol,
+    /// The peer refused our certificate with an alert.
+    RejectedByPeer,
+    /// The peer closed the connection during the handshake.
+    Closed,
+    /// The handshake, or the client's first bytes, did not arrive in time.
+    Timeout,
+    /// The outbound peer could not be connected to.
+    Connect,
+    /// This sidecar has no certificate yet (we fail closed).
+    NoCertificate,
+}
+
+/// Whether a proxied connection is inside mesh TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum Security {
+    /// Mutually authenticated mesh TLS.
+    Mtls,
+    /// Relayed as it came: permissive inbound, or outbound outside the mesh.
+    Plaintext,
+}
+
+/// Which way bytes move on a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum Flow {
+    /// From the side that connected to the side that accepted.
+    Request,
+    /// Back.
+    Response,
 }
 
 /// All sidecar metrics.
@@ -45,122 +112,110 @@ pub struct ByteCounters {
     pub response: IntCounter,
 }
 
-// === impl Direction ===
-
-impl Direction {
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Inbound => "inbound",
-            Self::Outbound => "outbound",
-        }
-    }
-}
+/// Decrements `palisade_connections_active` when the connection ends.
+#[derive(Debug)]
+pub struct ActiveGuard(IntGauge);
 
 // === impl Metrics ===
 
 impl Metrics {
     /// Creates the metrics and registers them on `registry`.
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
-        let handshakes = IntCounterVec::new(
-            Opts::new(
-                "palisade_tls_handshakes_total",
-                "Mesh TLS handshakes, by direction, result and reason.",
-            ),
-            &["direction", "result", "reason"],
+        Self::build(registry).map(|(metrics, _)| metrics)
+    }
+
+    /// Every family the sidecar registers, with its labels and their values.
+    pub fn describe() -> Result<Vec<Family>, prometheus::Error> {
+        Self::build(&Registry::new()).map(|(_, families)| families)
+    }
+
+    fn build(registry: &Registry) -> Result<(Self, Vec<Family>), prometheus::Error> {
+        let mut f = Families::new(registry);
+        let reasons = std::iter::once(HANDSHAKE_OK)
+            .chain(HandshakeFailure::names())
+            .collect();
+        let handshakes = f.counter_vec(
+            "palisade_tls_handshakes_total",
+            "Mesh TLS handshakes, by direction, result and reason.",
+            vec![
+                Label::closed::<Direction>("direction"),
+                Label::closed::<Outcome>("result"),
+                Label::closed_with("reason", reasons),
+            ],
         )?;
-        let handshake_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "palisade_tls_handshake_duration_seconds",
-                "Duration of successful mesh TLS handshakes.",
-            )
-            .buckets(vec![
+        let handshake_duration = f.histogram_vec(
+            "palisade_tls_handshake_duration_seconds",
+            "Duration of successful mesh TLS handshakes.",
+            vec![Label::closed::<Direction>("direction")],
+            vec![
                 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-            ]),
-            &["direction"],
+            ],
         )?;
-        let opened = IntCounterVec::new(
-            Opts::new(
-                "palisade_connections_opened_total",
-                "Connections proxied, by direction, security (mtls or plaintext) and peer identity.",
-            ),
-            &["direction", "security", "peer_identity"],
+        let opened = f.counter_vec(
+            "palisade_connections_opened_total",
+            "Connections proxied, by direction, security (mtls or plaintext) and peer identity.",
+            vec![
+                Label::closed::<Direction>("direction"),
+                Label::closed::<Security>("security"),
+                Label::open("peer_identity"),
+            ],
         )?;
-        let active = IntGaugeVec::new(
-            Opts::new(
-                "palisade_connections_active",
-                "Connections being proxied now.",
-            ),
-            &["direction"],
+        let active = f.int_gauge_vec(
+            "palisade_connections_active",
+            "Connections being proxied now.",
+            vec![Label::closed::<Direction>("direction")],
         )?;
-        let bytes = IntCounterVec::new(
-            Opts::new(
-                "palisade_bytes_total",
-                "Bytes proxied, by direction and flow (request: from the connecting side; response: back).",
-            ),
-            &["direction", "flow"],
+        let bytes = f.counter_vec(
+            "palisade_bytes_total",
+            "Bytes proxied, by direction and flow (request: from the connecting side; response: back).",
+            vec![
+                Label::closed::<Direction>("direction"),
+                Label::closed::<Flow>("flow"),
+            ],
         )?;
-        let authz_denied = IntCounterVec::new(
-            Opts::new(
-                "palisade_authz_denied_total",
-                "Inbound connections refused by the authorization policy.",
-            ),
-            &["port", "peer_identity"],
+        let authz_denied = f.counter_vec(
+            "palisade_authz_denied_total",
+            "Inbound connections refused by the authorization policy.",
+            vec![Label::open("port"), Label::open("peer_identity")],
         )?;
-        let cert_expiration = GaugeVec::new(
-            Opts::new(
-                "palisade_cert_expiration_timestamp_seconds",
-                "When the sidecar's current certificate expires (Unix time).",
-            ),
-            &["identity"],
+        let cert_expiration = f.gauge_vec(
+            "palisade_cert_expiration_timestamp_seconds",
+            "When the sidecar's current certificate expires (Unix time).",
+            vec![Label::open("identity")],
         )?;
-        let renewals = IntCounterVec::new(
-            Opts::new(
-                "palisade_cert_renewals_total",
-                "Attempts to install a new certificate, by result.",
-            ),
-            &["result"],
+        let cert_not_before = f.gauge_vec(
+            "palisade_cert_not_before_timestamp_seconds",
+            "notBefore of the certificate in use (Unix time); with the expiration, its lifetime.",
+            vec![Label::open("identity")],
         )?;
-        let bundle_roots = IntGauge::new(
+        let renewals = f.counter_vec(
+            "palisade_cert_renewals_total",
+            "Attempts to install a new certificate, by result.",
+            vec![Label::closed::<Outcome>("result")],
+        )?;
+        let bundle_roots = f.int_gauge(
             "palisade_trust_bundle_roots",
             "Roots in the trust bundle in use.",
         )?;
-        let cert_not_before = GaugeVec::new(
-            Opts::new(
-                "palisade_cert_not_before_timestamp_seconds",
-                "notBefore of the certificate in use (Unix time); with the expiration, its lifetime.",
-            ),
-            &["identity"],
-        )?;
-        let collectors: [Box<dyn Collector>; 10] = [
-            Box::new(handshakes.clone()),
-            Box::new(handshake_duration.clone()),
-            Box::new(opened.clone()),
-            Box::new(active.clone()),
-            Box::new(bytes.clone()),
-            Box::new(authz_denied.clone()),
-            Box::new(cert_expiration.clone()),
-            Box::new(cert_not_before.clone()),
-            Box::new(renewals.clone()),
-            Box::new(bundle_roots.clone()),
-        ];
-        for c in collectors {
-            registry.register(c)?;
-        }
+
         // Present from the start, so increase() and absence checks see a zero.
-        for result in ["success", "failure"] {
-            renewals.with_label_values(&[result]);
+        for result in Outcome::ALL {
+            renewals.with_label_values(&[result.as_str()]);
         }
-        for d in [Direction::Inbound, Direction::Outbound] {
-            active.with_label_values(&[d.as_str()]);
-            handshakes.with_label_values(&[d.as_str(), "success", "ok"]);
-            handshake_duration.with_label_values(&[d.as_str()]);
-            opened.with_label_values(&[d.as_str(), "plaintext", ""]);
-            for flow in ["request", "response"] {
-                bytes.with_label_values(&[d.as_str(), flow]);
+        for d in Direction::ALL {
+            let d = d.as_str();
+            active.with_label_values(&[d]);
+            handshakes.with_label_values(&[d, Outcome::Success.as_str(), HANDSHAKE_OK]);
+            for reason in HandshakeFailure::ALL {
+                handshakes.with_label_values(&[d, Outcome::Failure.as_str(), reason.as_str()]);
+            }
+            handshake_duration.with_label_values(&[d]);
+            opened.with_label_values(&[d, Security::Plaintext.as_str(), ""]);
+            for flow in Flow::ALL {
+                bytes.with_label_values(&[d, flow.as_str()]);
             }
         }
-        Ok(Self {
+        let metrics = Self {
             handshakes,
             handshake_duration,
             opened,
@@ -171,31 +226,34 @@ impl Metrics {
             cert_not_before,
             renewals,
             bundle_roots,
-        })
+        };
+        Ok((metrics, f.into_described()))
     }
 
-    /// Counts a successful handshake and its duration.
-    pub fn handshake_ok(&self, direction: Direction, elapsed: Duration) {
-        self.handshakes
-            .with_label_values(&[direction.as_str(), "success", "ok"])
-            .inc();
-        self.handshake_duration
-            .with_label_values(&[direction.as_str()])
-            .observe(elapsed.as_secs_f64());
-    }
-
-    /// Counts a failed handshake.
-    pub fn handshake_failed(&self, direction: Direction, reason: &'static str) {
-        self.handshakes
-            .with_label_values(&[direction.as_str(), "failure", reason])
-            .inc();
+    /// Counts how a handshake ended; a success also records its duration.
+    /// Called from one place only, `proxy::handshake`.
+    pub fn handshake(&self, direction: Direction, outcome: Result<Duration, HandshakeFailure>) {
+        let d = direction.as_str();
+        match outcome {
+            Ok(took) => {
+                self.handshakes
+                    .with_label_values(&[d, Outcome::Success.as_str(), HANDSHAKE_OK])
+                    .inc();
+                self.handshake_duration
+                    .with_label_values(&[d])
+                    .observe(took.as_secs_f64());
+            }
+            Err(reason) => self
+                .handshakes
+                .with_label_values(&[d, Outcome::Failure.as_str(), reason.as_str()])
+                .inc(),
+        }
     }
 
     /// Counts an opened connection; the returned guard keeps it active.
-    pub fn opened(&self, direction: Direction, mtls: bool, peer: &str) -> ActiveGuard {
-        let security = if mtls { "mtls" } else { "plaintext" };
+    pub fn opened(&self, direction: Direction, security: Security, peer: &str) -> ActiveGuard {
         self.opened
-            .with_label_values(&[direction.as_str(), security, peer])
+            .with_label_values(&[direction.as_str(), security.as_str(), peer])
             .inc();
         let gauge = self.active.with_label_values(&[direction.as_str()]);
         gauge.inc();
@@ -204,13 +262,13 @@ impl Metrics {
 
     /// The byte counters of `direction`.
     pub fn bytes(&self, direction: Direction) -> ByteCounters {
+        let counter = |flow: Flow| {
+            self.bytes
+                .with_label_values(&[direction.as_str(), flow.as_str()])
+        };
         ByteCounters {
-            request: self
-                .bytes
-                .with_label_values(&[direction.as_str(), "request"]),
-            response: self
-                .bytes
-                .with_label_values(&[direction.as_str(), "response"]),
+            request: counter(Flow::Request),
+            response: counter(Flow::Response),
         }
     }
 
@@ -247,18 +305,91 @@ impl Metrics {
     }
 
     /// Counts an attempt to install a new certificate.
-    pub fn renewal(&self, ok: bool) {
-        let result = if ok { "success" } else { "failure" };
-        self.renewals.with_label_values(&[result]).inc();
+    pub fn renewal(&self, result: Outcome) {
+        self.renewals.with_label_values(&[result.as_str()]).inc();
     }
 }
 
-/// Decrements `palisade_connections_active` when the connection ends.
-#[derive(Debug)]
-pub struct ActiveGuard(IntGauge);
+// === impl ActiveGuard ===
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_labels_are_the_documented_spellings() {
+        // These strings are in alert rules and dashboards: a rename is a
+        // breaking change, not a refactoring.
+        assert_eq!(
+            HandshakeFailure::names(),
+            [
+                "unknown_ca",
+                "expired",
+                "not_yet_valid",
+                "bad_identity",
+                "wrong_trust_domain",
+                "unexpected_identity",
+                "bad_certificate",
+                "no_client_cert",
+                "incompatible",
+                "no_alpn",
+                "plaintext",
+                "protocol",
+                "rejected_by_peer",
+                "closed",
+                "timeout",
+                "connect",
+                "no_certificate",
+            ]
+        );
+        assert_eq!(Direction::names(), ["inbound", "outbound"]);
+        assert_eq!(Security::names(), ["mtls", "plaintext"]);
+        assert_eq!(Flow::names(), ["request", "response"]);
+    }
+
+    #[test]
+    fn every_series_at_start_uses_values_of_its_closed_sets() {
+        let registry = Registry::new();
+        let _metrics = Metrics::register(&registry).expect("metrics");
+        let families = Metrics::describe().expect("metrics");
+        let gathered = registry.gather();
+        for family in &families {
+            let Some(found) = gathered.iter().find(|g| g.name() == family.name) else {
+                continue;
+            };
+            for series in found.get_metric() {
+                for pair in series.get_label() {
+                    let label = family
+                        .labels
+                        .iter()
+                        .find(|l| l.name == pair.name())
+                        .expect("a described label");
+                    if let Some(values) = &label.values {
+                        assert!(
+                            values.contains(&pair.value()),
+                            "{}{{{}={:?}}} is not in the label's closed set",
+                            family.name,
+                            label.name,
+                            pair.value()
+                        );
+                    }
+                }
+            }
+        }
+        // Every failure reason is there from the start, in both directions.
+        let handshakes = gathered
+            .iter()
+            .find(|g| g.name() == "palisade_tls_handshakes_total")
+            .expect("handshakes start at zero");
+        assert_eq!(
+            handshakes.get_metric().len(),
+            2 * (1 + HandshakeFailure::ALL.len())
+        );
     }
 }

@@ -22,6 +22,35 @@ pub enum Authenticator {
     Kubernetes(KubernetesAuthenticator),
 }
 
+/// Which authenticator checks tokens: the `authenticator` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum Kind {
+    /// Tokens from a watched file.
+    Static,
+    /// Kubernetes service-account tokens via TokenReview.
+    Kubernetes,
+}
+
+/// Why a token did not authenticate anyone: the `reason` label of
+/// `palisade_ca_authentication_failures_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum Reason {
+    /// No token was sent.
+    MissingToken,
+    /// Unknown, malformed, or not authenticated by the API server.
+    InvalidToken,
+    /// The token has expired.
+    ExpiredToken,
+    /// The token was issued for another audience.
+    WrongAudience,
+    /// The token authenticates a user that maps to no SPIFFE ID.
+    BadIdentity,
+    /// The token authority (the API server) cannot be reached or refused us.
+    AuthorityUnavailable,
+}
+
 /// Why a token did not authenticate anyone. Never carries the token itself.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AuthnError {
@@ -53,11 +82,11 @@ impl Authenticator {
         }
     }
 
-    /// The `authenticator` label of this authenticator's metrics.
-    pub fn name(&self) -> &'static str {
+    /// Which authenticator this is, for the `authenticator` label.
+    pub fn kind(&self) -> Kind {
         match self {
-            Self::Static(_) => "static",
-            Self::Kubernetes(_) => "kubernetes",
+            Self::Static(_) => Kind::Static,
+            Self::Kubernetes(_) => Kind::Kubernetes,
         }
     }
 }
@@ -65,27 +94,38 @@ impl Authenticator {
 // === impl AuthnError ===
 
 impl AuthnError {
-    /// Every value of [`AuthnError::reason`], for metrics that start at zero.
-    pub const REASONS: [&'static str; 6] = [
-        "missing_token",
-        "invalid_token",
-        "expired_token",
-        "wrong_audience",
-        "bad_identity",
-        "authority_unavailable",
-    ];
+    /// The `reason` label of this failure.
+    pub fn reason(&self) -> Reason {
+        match self {
+            Self::MissingToken => Reason::MissingToken,
+            Self::InvalidToken(_) => Reason::InvalidToken,
+            Self::ExpiredToken => Reason::ExpiredToken,
+            Self::WrongAudience(_) => Reason::WrongAudience,
+            Self::BadIdentity(_) => Reason::BadIdentity,
+            Self::Unavailable(_) => Reason::AuthorityUnavailable,
+        }
+    }
 }
 
-impl AuthnError {
-    /// The closed set of `reason` label values.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::MissingToken => "missing_token",
-            Self::InvalidToken(_) => "invalid_token",
-            Self::ExpiredToken => "expired_token",
-            Self::WrongAudience(_) => "wrong_audience",
-            Self::BadIdentity(_) => "bad_identity",
-            Self::Unavailable(_) => "authority_unavailable",
-        }
+#[cfg(test)]
+mod tests {
+    use palisade_runtime::metrics::LabelValue;
+
+    use super::*;
+
+    #[test]
+    fn reason_labels_are_the_documented_spellings() {
+        assert_eq!(
+            Reason::names(),
+            [
+                "missing_token",
+                "invalid_token",
+                "expired_token",
+                "wrong_audience",
+                "bad_identity",
+                "authority_unavailable",
+            ]
+        );
+        assert_eq!(Kind::names(), ["static", "kubernetes"]);
     }
 }

@@ -195,6 +195,8 @@ impl Table {
 mod tests {
     use std::time::Duration;
 
+    use palisade_runtime::metrics::LabelValue;
+
     use super::*;
 
     fn td() -> TrustDomain {
@@ -234,7 +236,7 @@ tokens:
         let err = tokens
             .authenticate(b"web-token-012345678")
             .expect_err("unknown");
-        assert_eq!(err.reason(), "invalid_token");
+        assert_eq!(err.reason().as_str(), "invalid_token");
     }
 
     #[test]

@@ -20,6 +20,8 @@ use x509_parser::{
     public_key::PublicKey,
 };
 
+use super::Reason;
+
 /// The largest CSR accepted, in bytes.
 pub const MAX_CSR_LEN: usize = 16 * 1024;
 const MIN_RSA_BITS: usize = 2048;
@@ -71,16 +73,16 @@ pub enum CsrError {
 
 impl CsrError {
     /// The `reason` label for this refusal.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            Self::Empty | Self::Malformed(_) | Self::BadExtension(_) => "malformed_csr",
-            Self::TooLarge(_) => "csr_too_large",
-            Self::BadSignature => "bad_csr_signature",
-            Self::UnsupportedSignature(_) => "unsupported_signature",
-            Self::WeakKey(_) => "weak_key",
-            Self::UnsupportedKey(_) => "unsupported_key",
-            Self::RequestsCa => "csr_requests_ca",
-            Self::ForeignName(_) => "foreign_san",
+            Self::Empty | Self::Malformed(_) | Self::BadExtension(_) => Reason::MalformedCsr,
+            Self::TooLarge(_) => Reason::CsrTooLarge,
+            Self::BadSignature => Reason::BadCsrSignature,
+            Self::UnsupportedSignature(_) => Reason::UnsupportedSignature,
+            Self::WeakKey(_) => Reason::WeakKey,
+            Self::UnsupportedKey(_) => Reason::UnsupportedKey,
+            Self::RequestsCa => Reason::CsrRequestsCa,
+            Self::ForeignName(_) => Reason::ForeignSan,
         }
     }
 }

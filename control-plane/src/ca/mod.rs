@@ -29,6 +29,37 @@ pub use self::{
     signer::{Issued, LifetimePolicy, SignError},
 };
 
+/// Why the CA refused to sign: the CA's part of the `reason` label of
+/// `palisade_ca_certificates_issued_total` (see [`crate::service::Reason`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum Reason {
+    /// Empty, not DER PKCS#10, trailing bytes, or unparsable extensions.
+    MalformedCsr,
+    /// Over the CSR size limit.
+    CsrTooLarge,
+    /// The CSR was not signed by its own key.
+    BadCsrSignature,
+    /// SHA-1 or another signature algorithm that is not accepted.
+    UnsupportedSignature,
+    /// RSA below 2048 bits, P-192, P-224.
+    WeakKey,
+    /// Any other key type.
+    UnsupportedKey,
+    /// The CSR asks for `cA=true`.
+    CsrRequestsCa,
+    /// The CSR asks for a name other than the claimed identity.
+    ForeignSan,
+    /// The requested lifetime is below the minimum.
+    LifetimeTooShort,
+    /// The identity cannot be written into a certificate.
+    BadIdentity,
+    /// The issuer has expired.
+    IssuerExpired,
+    /// Signing failed for a reason of ours.
+    Internal,
+}
+
 /// The current issuer, and the directory it is reloaded from.
 #[derive(Debug)]
 pub struct CaStore {

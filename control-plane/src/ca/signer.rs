@@ -14,6 +14,7 @@ use rustls_pki_types::CertificateDer;
 use serde::Serialize;
 
 use super::{
+    Reason,
     csr::{self, CsrError},
     issuer::Issuer,
 };
@@ -92,13 +93,13 @@ impl Default for LifetimePolicy {
 
 impl SignError {
     /// The `reason` label for this refusal.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
             Self::Csr(e) => e.reason(),
-            Self::LifetimeTooShort { .. } => "lifetime_too_short",
-            Self::BadIdentity(_) => "bad_identity",
-            Self::IssuerExpiring => "issuer_expired",
-            Self::Internal(_) => "internal",
+            Self::LifetimeTooShort { .. } => Reason::LifetimeTooShort,
+            Self::BadIdentity(_) => Reason::BadIdentity,
+            Self::IssuerExpiring => Reason::IssuerExpired,
+            Self::Internal(_) => Reason::Internal,
         }
     }
 }

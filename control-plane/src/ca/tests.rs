@@ -3,6 +3,7 @@
 use std::time::{Duration, SystemTime};
 
 use palisade_proto::SpiffeId;
+use palisade_runtime::metrics::LabelValue;
 use rcgen::{IsCa, SanType};
 use x509_parser::{extensions::GeneralName, prelude::*};
 
@@ -192,7 +193,7 @@ fn csr_refusals_carry_their_reason() {
     ];
     for (name, der, reason) in cases {
         let err = sign(&issuer, &policy, &web(), &der, None, SystemTime::now()).expect_err(name);
-        assert_eq!(err.reason(), reason, "{name}: {err}");
+        assert_eq!(err.reason().as_str(), reason, "{name}: {err}");
     }
 }
 
@@ -228,7 +229,7 @@ fn lifetimes_are_clamped_and_too_short_ones_refused() {
     );
     let err = lifetime(Some(Duration::from_secs(30))).expect_err("too short");
     assert!(matches!(err, SignError::LifetimeTooShort { .. }));
-    assert_eq!(err.reason(), "lifetime_too_short");
+    assert_eq!(err.reason().as_str(), "lifetime_too_short");
 }
 
 #[test]

@@ -26,7 +26,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::metrics::Metrics;
+use crate::metrics::{LabelValue, Metrics};
 
 pub mod config;
 pub mod patch;
@@ -35,10 +35,56 @@ pub mod server;
 mod tests;
 
 pub use config::InjectionConfig;
-pub use patch::{Decision, PodError};
+pub use patch::{Decision, PodError, Skip};
 
 /// The only AdmissionReview version this webhook speaks.
 pub const ADMISSION_V1: &str = "admission.k8s.io/v1";
+
+/// How a review was answered: the `result` label of
+/// `palisade_webhook_reviews_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum ReviewResult {
+    /// Allowed with the sidecar patch.
+    Injected,
+    /// Allowed unchanged.
+    Skipped,
+    /// Refused: the pod is not created.
+    Denied,
+    /// Not a readable AdmissionReview (HTTP 400).
+    Invalid,
+}
+
+/// Why a review was answered so: the `reason` label of
+/// `palisade_webhook_reviews_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum ReviewReason {
+    /// The sidecar was injected.
+    Injected,
+    /// Not the creation of a pod (an update, another kind, a subresource).
+    NotPodCreate,
+    /// The pod already has the sidecar.
+    AlreadyInjected,
+    /// The pod opted out (`palisade.io/inject: "false"`).
+    OptedOut,
+    /// The pod uses the host network.
+    HostNetwork,
+    /// A `palisade.io/*` annotation does not parse.
+    BadAnnotation,
+    /// Namespace and service account form no SPIFFE ID.
+    BadIdentity,
+    /// The pod already has a volume of a name the sidecar needs.
+    NameConflict,
+    /// The body or the pod is not what it must be.
+    Malformed,
+    /// An AdmissionReview version other than `admission.k8s.io/v1`.
+    UnsupportedVersion,
+    /// The request names no namespace.
+    BadRequest,
+    /// The patch could not be serialized.
+    Internal,
+}
 
 /// Answers AdmissionReviews with the current injection configuration.
 #[derive(Debug)]
@@ -71,6 +117,29 @@ impl Reply {
                 Value::String(base64::engine::general_purpose::STANDARD.encode(patch));
         }
         body
+    }
+}
+
+// === impl ReviewReason ===
+
+impl ReviewReason {
+    /// The results this reason is counted under (its counters start at zero
+    /// for each of them).
+    pub fn results(self) -> &'static [ReviewResult] {
+        match self {
+            Self::Injected => &[ReviewResult::Injected],
+            Self::NotPodCreate | Self::AlreadyInjected | Self::OptedOut | Self::HostNetwork => {
+                &[ReviewResult::Skipped]
+            }
+            Self::BadAnnotation
+            | Self::BadIdentity
+            | Self::NameConflict
+            | Self::BadRequest
+            | Self::Internal => &[ReviewResult::Denied],
+            // An unreadable review, or a pod whose fields are not a pod's.
+            Self::Malformed => &[ReviewResult::Invalid, ReviewResult::Denied],
+            Self::UnsupportedVersion => &[ReviewResult::Invalid],
+        }
     }
 }
 
@@ -111,7 +180,7 @@ impl Injector {
         reply
     }
 
-    fn answer(&self, body: &[u8]) -> (Reply, &'static str, &'static str) {
+    fn answer(&self, body: &[u8]) -> (Reply, ReviewResult, ReviewReason) {
         let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
             Ok(review) => review,
             Err(e) => {
@@ -124,7 +193,11 @@ impl Injector {
                     e.column()
                 );
                 warn!(error = %why, "refused a webhook call");
-                return (bad_request(&why), "invalid", "malformed");
+                return (
+                    bad_request(&why),
+                    ReviewResult::Invalid,
+                    ReviewReason::Malformed,
+                );
             }
         };
         if review.types.api_version != ADMISSION_V1 || review.types.kind != "AdmissionReview" {
@@ -143,14 +216,22 @@ impl Injector {
                 }),
             );
             warn!(error = %why, "refused a webhook call");
-            return (bad_request(&why), "invalid", "unsupported_version");
+            return (
+                bad_request(&why),
+                ReviewResult::Invalid,
+                ReviewReason::UnsupportedVersion,
+            );
         }
         let request: AdmissionRequest<DynamicObject> = match review.try_into() {
             Ok(request) => request,
             Err(_) => {
                 let why = "malformed AdmissionReview: no request in it";
                 warn!(error = why, "refused a webhook call");
-                return (bad_request(why), "invalid", "malformed");
+                return (
+                    bad_request(why),
+                    ReviewResult::Invalid,
+                    ReviewReason::Malformed,
+                );
             }
         };
 
@@ -166,7 +247,11 @@ impl Injector {
             (Operation::Create, true, Some(object)) => object,
             _ => {
                 debug!(uid = %request.uid, kind = %request.kind.kind, op = ?request.operation, "not a pod creation; allowed unchanged");
-                return (ok(response), "skipped", "not_pod_create");
+                return (
+                    ok(response),
+                    ReviewResult::Skipped,
+                    ReviewReason::NotPodCreate,
+                );
             }
         };
         let pod = match serde_json::to_value(object) {
@@ -174,8 +259,8 @@ impl Injector {
             Err(_) => {
                 return (
                     bad_request("the object is not JSON"),
-                    "invalid",
-                    "malformed",
+                    ReviewResult::Invalid,
+                    ReviewReason::Malformed,
                 );
             }
         };
@@ -190,7 +275,11 @@ impl Injector {
             });
         let Some(namespace) = namespace else {
             let why = "the request names no namespace";
-            return (ok(response.deny(why)), "denied", "bad_request");
+            return (
+                ok(response.deny(why)),
+                ReviewResult::Denied,
+                ReviewReason::BadRequest,
+            );
         };
         let name = pod_name(&pod, &request.name);
 
@@ -207,17 +296,21 @@ impl Injector {
                             // The publisher is behind; its periodic pass covers it.
                             let _ = tx.try_send(namespace);
                         }
-                        (ok(response), "injected", "injected")
+                        (ok(response), ReviewResult::Injected, ReviewReason::Injected)
                     }
                     Err(_) => {
                         let why = "internal error: cannot serialize the patch";
-                        (ok(response.deny(why)), "denied", "internal")
+                        (
+                            ok(response.deny(why)),
+                            ReviewResult::Denied,
+                            ReviewReason::Internal,
+                        )
                     }
                 }
             }
             Ok(Decision::Skip(reason)) => {
-                debug!(uid = %request.uid, pod = %name, %namespace, reason = reason.as_str(), "allowed without injection");
-                (ok(response), "skipped", reason.as_str())
+                debug!(uid = %request.uid, pod = %name, %namespace, reason = reason.reason().as_str(), "allowed without injection");
+                (ok(response), ReviewResult::Skipped, reason.reason())
             }
             Err(error) => {
                 info!(uid = %request.uid, pod = %name, %namespace, %error, "refused the pod");
@@ -225,7 +318,7 @@ impl Injector {
                 let mut response = response.deny(format!("palisade sidecar injection: {error}"));
                 response.result.code = 400;
                 response.result.reason = "BadRequest".to_owned();
-                (ok(response), "denied", reason)
+                (ok(response), ReviewResult::Denied, reason)
             }
         }
     }

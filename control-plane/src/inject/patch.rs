@@ -11,7 +11,10 @@ use json_patch::{AddOperation, Patch, PatchOperation};
 use palisade_proto::{SpiffeId, TrustDomain};
 use serde_json::{Value, json};
 
-use super::config::{InboundMode, InjectionConfig};
+use super::{
+    ReviewReason,
+    config::{InboundMode, InjectionConfig},
+};
 
 /// Annotation that opts a pod out (`"false"` or `"disabled"`).
 pub const INJECT: &str = "palisade.io/inject";
@@ -83,11 +86,11 @@ pub enum PodError {
 
 impl Skip {
     /// The metric's `reason`.
-    pub fn as_str(self) -> &'static str {
+    pub fn reason(self) -> ReviewReason {
         match self {
-            Self::AlreadyInjected => "already_injected",
-            Self::OptedOut => "opted_out",
-            Self::HostNetwork => "host_network",
+            Self::AlreadyInjected => ReviewReason::AlreadyInjected,
+            Self::OptedOut => ReviewReason::OptedOut,
+            Self::HostNetwork => ReviewReason::HostNetwork,
         }
     }
 }
@@ -96,12 +99,12 @@ impl Skip {
 
 impl PodError {
     /// The metric's `reason`.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> ReviewReason {
         match self {
-            Self::BadAnnotation { .. } => "bad_annotation",
-            Self::BadIdentity { .. } => "bad_identity",
-            Self::NameConflict(_) => "name_conflict",
-            Self::Malformed(_) => "malformed",
+            Self::BadAnnotation { .. } => ReviewReason::BadAnnotation,
+            Self::BadIdentity { .. } => ReviewReason::BadIdentity,
+            Self::NameConflict(_) => ReviewReason::NameConflict,
+            Self::Malformed(_) => ReviewReason::Malformed,
         }
     }
 }

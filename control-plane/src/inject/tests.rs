@@ -103,6 +103,14 @@ fn env<'a>(env: &'a [(String, String)], name: &str) -> Option<&'a str> {
 }
 
 fn count(registry: &Registry, result: &str, reason: &str) -> u64 {
+    let allowed = ReviewReason::ALL
+        .iter()
+        .filter(|r| r.as_str() == reason)
+        .any(|r| r.results().iter().any(|x| x.as_str() == result));
+    assert!(
+        allowed,
+        "({result}, {reason}) is not a pair ReviewReason::results() lists, so its counter does not start at zero"
+    );
     registry
         .gather()
         .iter()
@@ -377,4 +385,47 @@ fn the_injection_config_refuses_unknown_keys_and_bad_values() {
     let short = format!("{CONFIG}\ntoken:\n  expirationSeconds: 60\n");
     let err = InjectionConfig::parse(&short).expect_err("too short");
     assert!(err.to_string().contains("expirationSeconds"), "{err}");
+}
+
+#[test]
+fn review_labels_are_the_documented_spellings_and_start_at_zero() {
+    assert_eq!(
+        ReviewResult::names(),
+        ["injected", "skipped", "denied", "invalid"]
+    );
+    assert_eq!(
+        ReviewReason::names(),
+        [
+            "injected",
+            "not_pod_create",
+            "already_injected",
+            "opted_out",
+            "host_network",
+            "bad_annotation",
+            "bad_identity",
+            "name_conflict",
+            "malformed",
+            "unsupported_version",
+            "bad_request",
+            "internal",
+        ]
+    );
+    let registry = Registry::new();
+    let metrics = Metrics::register(&registry).expect("metrics");
+    metrics.webhook_ready();
+    for reason in ReviewReason::ALL {
+        for result in reason.results() {
+            assert_eq!(count(&registry, result.as_str(), reason.as_str()), 0);
+        }
+    }
+    let series: usize = registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "palisade_webhook_reviews_total")
+        .map(|f| f.get_metric().len())
+        .sum();
+    assert_eq!(
+        series, 13,
+        "one series per (result, reason) pair that can occur"
+    );
 }

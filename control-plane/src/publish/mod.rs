@@ -36,7 +36,22 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::{ca::CaStore, inject::config::is_dns_label, metrics::Metrics};
+use crate::{
+    ca::CaStore,
+    inject::config::is_dns_label,
+    metrics::{Metrics, Outcome},
+};
+
+/// Where the bundle is written: the `target` label of
+/// `palisade_bundle_publications_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum Target {
+    /// The `caBundle` of the injection webhooks.
+    WebhookCaBundle,
+    /// The bundle ConfigMap of a labelled namespace.
+    Configmap,
+}
 
 #[cfg(test)]
 mod tests;
@@ -185,7 +200,7 @@ impl BundlePublisher {
                 }
                 Err(error) => {
                     ok = false;
-                    self.metrics.published("configmap", false);
+                    self.metrics.published(Target::Configmap, Outcome::Failure);
                     warn!(%error, retry_in = ?RETRY, "cannot list the injection-enabled namespaces");
                 }
             }
@@ -202,7 +217,8 @@ impl BundlePublisher {
         let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
         let what = || format!("MutatingWebhookConfiguration {name}");
         let current = self.call(what(), api.get(name)).await.inspect_err(|_| {
-            self.metrics.published("webhook_ca_bundle", false);
+            self.metrics
+                .published(Target::WebhookCaBundle, Outcome::Failure);
         })?;
         let pem = self.bundle_pem();
         let mut ops = Vec::new();
@@ -234,7 +250,8 @@ impl BundlePublisher {
         let result = self
             .call(what(), api.patch(name, &PatchParams::default(), &patch))
             .await;
-        self.metrics.published("webhook_ca_bundle", result.is_ok());
+        self.metrics
+            .published(Target::WebhookCaBundle, Outcome::of(result.is_ok()));
         result?;
         info!(configuration = %name, webhooks = changed, "set the webhook caBundle to the trust bundle");
         Ok(changed)
@@ -283,7 +300,8 @@ impl BundlePublisher {
                 api.patch(&name, &params, &Patch::Apply(body)),
             )
             .await;
-        self.metrics.published("configmap", result.is_ok());
+        self.metrics
+            .published(Target::Configmap, Outcome::of(result.is_ok()));
         result?;
         info!(%namespace, configmap = %name, bundle = %&digest[..16], "wrote the trust bundle ConfigMap");
         self.written

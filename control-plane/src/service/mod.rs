@@ -15,9 +15,9 @@ use tonic::{Code, Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use crate::{
-    authn::{Authenticator, AuthnError},
-    ca::{CaStore, LifetimePolicy, SignError, signer},
-    metrics::Metrics,
+    authn::{self, Authenticator, AuthnError},
+    ca::{self, CaStore, LifetimePolicy, SignError, signer},
+    metrics::{LabelValue, Metrics},
 };
 
 /// The largest token accepted, in bytes; real service-account tokens are ~1 KiB.
@@ -35,11 +35,62 @@ pub struct IdentityService {
     metrics: Metrics,
 }
 
-/// Why a Certify request was refused: a status code, a reason label and a message.
+/// Why a Certify request was refused: the `reason` label of
+/// `palisade_ca_certificates_issued_total{result="failure"}` and the prefix of
+/// the gRPC status message. The authenticator's and the CA's reasons keep
+/// their names here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum Reason {
+    /// No token was sent.
+    MissingToken,
+    /// Unknown token, not UTF-8, too large, or not authenticated by the API server.
+    InvalidToken,
+    /// The token has expired.
+    ExpiredToken,
+    /// The token was issued for another audience.
+    WrongAudience,
+    /// The token belongs to another identity than the one claimed.
+    IdentityMismatch,
+    /// The claimed identity is outside the trust domain.
+    ForeignTrustDomain,
+    /// The claimed identity is no SPIFFE ID, or the token's user maps to none.
+    BadIdentity,
+    /// Empty, not DER PKCS#10, trailing bytes, or unparsable extensions.
+    MalformedCsr,
+    /// The CSR is over 16 KiB.
+    CsrTooLarge,
+    /// The CSR was not signed by its own key.
+    BadCsrSignature,
+    /// SHA-1 or another signature algorithm that is not accepted.
+    UnsupportedSignature,
+    /// RSA below 2048 bits, P-192, P-224.
+    WeakKey,
+    /// Any other key type.
+    UnsupportedKey,
+    /// The CSR asks for a name other than the claimed identity.
+    ForeignSan,
+    /// The CSR asks for `cA=true`.
+    CsrRequestsCa,
+    /// The requested lifetime is below `--min-lifetime`.
+    LifetimeTooShort,
+    /// The requested lifetime is negative or out of range.
+    BadLifetime,
+    /// The Kubernetes API server cannot be reached or refuses our credentials.
+    AuthorityUnavailable,
+    /// No signing slot freed within `--signing-queue-timeout`.
+    Overloaded,
+    /// The issuer has expired.
+    IssuerExpired,
+    /// Signing failed for a reason of ours.
+    Internal,
+}
+
+/// Why a Certify request was refused: a status code, a reason and a message.
 #[derive(Debug)]
 struct Refusal {
     code: Code,
-    reason: &'static str,
+    reason: Reason,
     message: String,
 }
 
@@ -73,7 +124,7 @@ impl IdentityService {
         if req.token.len() > MAX_TOKEN_LEN {
             return Err(Refusal::new(
                 Code::Unauthenticated,
-                "invalid_token",
+                Reason::InvalidToken,
                 format!(
                     "the token is {} bytes; at most {MAX_TOKEN_LEN} are accepted",
                     req.token.len()
@@ -86,21 +137,21 @@ impl IdentityService {
             .await
             .map_err(|e| {
                 self.metrics
-                    .authn_failed(self.authenticator.name(), e.reason());
+                    .authn_failed(self.authenticator.kind(), e.reason());
                 Refusal::from_authn(e)
             })?;
 
         let claimed = SpiffeId::parse(&req.identity).map_err(|e| {
             Refusal::new(
                 Code::InvalidArgument,
-                "bad_identity",
+                Reason::BadIdentity,
                 format!("the claimed identity is not a SPIFFE ID: {e}"),
             )
         })?;
         if !claimed.is_member_of(&self.trust_domain) {
             return Err(Refusal::new(
                 Code::PermissionDenied,
-                "foreign_trust_domain",
+                Reason::ForeignTrustDomain,
                 format!(
                     "the claimed identity {claimed} is outside this CA's trust domain {}",
                     self.trust_domain
@@ -110,7 +161,7 @@ impl IdentityService {
         if claimed != derived {
             return Err(Refusal::new(
                 Code::PermissionDenied,
-                "identity_mismatch",
+                Reason::IdentityMismatch,
                 format!("the token belongs to {derived}, not to the claimed {claimed}"),
             ));
         }
@@ -121,7 +172,7 @@ impl IdentityService {
                 Duration::try_from(d).map_err(|_| {
                     Refusal::new(
                         Code::InvalidArgument,
-                        "bad_lifetime",
+                        Reason::BadLifetime,
                         "the requested lifetime is negative or out of range".to_owned(),
                     )
                 })
@@ -135,7 +186,7 @@ impl IdentityService {
             .ok_or_else(|| {
                 Refusal::new(
                     Code::Unavailable,
-                    "overloaded",
+                    Reason::Overloaded,
                     "the control plane is at its limit of concurrent signings; retry with backoff"
                         .to_owned(),
                 )
@@ -191,9 +242,9 @@ impl Identity for IdentityService {
             Err(refusal) => {
                 self.metrics.issue_finished(Err(refusal.reason), elapsed);
                 if refusal.code == Code::Unavailable {
-                    warn!(?peer, claimed, reason = refusal.reason, error = %refusal.message, "certify failed");
+                    warn!(?peer, claimed, reason = refusal.reason.as_str(), error = %refusal.message, "certify failed");
                 } else {
-                    debug!(?peer, claimed, reason = refusal.reason, error = %refusal.message, "certify refused");
+                    debug!(?peer, claimed, reason = refusal.reason.as_str(), error = %refusal.message, "certify refused");
                 }
                 Err(refusal.into_status())
             }
@@ -204,7 +255,7 @@ impl Identity for IdentityService {
 // === impl Refusal ===
 
 impl Refusal {
-    fn new(code: Code, reason: &'static str, message: String) -> Self {
+    fn new(code: Code, reason: Reason, message: String) -> Self {
         Self {
             code,
             reason,
@@ -218,7 +269,7 @@ impl Refusal {
             AuthnError::BadIdentity(_) => Code::PermissionDenied,
             _ => Code::Unauthenticated,
         };
-        Self::new(code, e.reason(), e.to_string())
+        Self::new(code, e.reason().into(), e.to_string())
     }
 
     fn from_sign(e: SignError) -> Self {
@@ -226,13 +277,52 @@ impl Refusal {
             SignError::IssuerExpiring | SignError::Internal(_) => Code::Unavailable,
             _ => Code::InvalidArgument,
         };
-        Self::new(code, e.reason(), e.to_string())
+        Self::new(code, e.reason().into(), e.to_string())
     }
 
     /// The status sent to the client: the message, prefixed with the reason so
     /// scripts can match on it.
     fn into_status(self) -> Status {
-        Status::new(self.code, format!("{}: {}", self.reason, self.message))
+        Status::new(
+            self.code,
+            format!("{}: {}", self.reason.as_str(), self.message),
+        )
+    }
+}
+
+// === impl Reason ===
+
+impl From<authn::Reason> for Reason {
+    fn from(reason: authn::Reason) -> Self {
+        use authn::Reason as A;
+        match reason {
+            A::MissingToken => Self::MissingToken,
+            A::InvalidToken => Self::InvalidToken,
+            A::ExpiredToken => Self::ExpiredToken,
+            A::WrongAudience => Self::WrongAudience,
+            A::BadIdentity => Self::BadIdentity,
+            A::AuthorityUnavailable => Self::AuthorityUnavailable,
+        }
+    }
+}
+
+impl From<ca::Reason> for Reason {
+    fn from(reason: ca::Reason) -> Self {
+        use ca::Reason as C;
+        match reason {
+            C::MalformedCsr => Self::MalformedCsr,
+            C::CsrTooLarge => Self::CsrTooLarge,
+            C::BadCsrSignature => Self::BadCsrSignature,
+            C::UnsupportedSignature => Self::UnsupportedSignature,
+            C::WeakKey => Self::WeakKey,
+            C::UnsupportedKey => Self::UnsupportedKey,
+            C::CsrRequestsCa => Self::CsrRequestsCa,
+            C::ForeignSan => Self::ForeignSan,
+            C::LifetimeTooShort => Self::LifetimeTooShort,
+            C::BadIdentity => Self::BadIdentity,
+            C::IssuerExpired => Self::IssuerExpired,
+            C::Internal => Self::Internal,
+        }
     }
 }
 

@@ -11,11 +11,11 @@ use prometheus::Registry;
 use rcgen::{IsCa, SanType};
 use tonic::{Code, Request};
 
-use super::IdentityService;
+use super::{IdentityService, Reason};
 use crate::{
-    authn::{Authenticator, StaticTokens},
-    ca::{CaStore, LifetimePolicy},
-    metrics::Metrics,
+    authn::{self, Authenticator, StaticTokens},
+    ca::{self, CaStore, LifetimePolicy},
+    metrics::{LabelValue, Metrics},
     testing::{TestCa, csr, uri},
 };
 
@@ -415,5 +415,43 @@ async fn kubernetes_tokens_map_to_codes_and_reasons() {
         status.message().starts_with("authority_unavailable"),
         "{:?}",
         status.message()
+    );
+}
+
+#[test]
+fn the_authenticators_and_the_cas_reasons_keep_their_names() {
+    // One label, three sources: a reason must read the same in
+    // palisade_ca_authentication_failures_total and in the Certify status.
+    for reason in authn::Reason::ALL {
+        assert_eq!(Reason::from(*reason).as_str(), reason.as_str());
+    }
+    for reason in ca::Reason::ALL {
+        assert_eq!(Reason::from(*reason).as_str(), reason.as_str());
+    }
+    assert_eq!(
+        Reason::names(),
+        [
+            "missing_token",
+            "invalid_token",
+            "expired_token",
+            "wrong_audience",
+            "identity_mismatch",
+            "foreign_trust_domain",
+            "bad_identity",
+            "malformed_csr",
+            "csr_too_large",
+            "bad_csr_signature",
+            "unsupported_signature",
+            "weak_key",
+            "unsupported_key",
+            "foreign_san",
+            "csr_requests_ca",
+            "lifetime_too_short",
+            "bad_lifetime",
+            "authority_unavailable",
+            "overloaded",
+            "issuer_expired",
+            "internal",
+        ]
     );
 }

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use palisade_runtime::watch::FileWatch;
+use palisade_runtime::{metrics::Outcome, watch::FileWatch};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject};
 use serde::Serialize;
 use tokio::time::Instant;
@@ -124,7 +124,7 @@ pub async fn run(
             Ok((configs, renewed, serial)) => {
                 failures = 0;
                 held = Some(renewed);
-                metrics.renewal(true);
+                metrics.renewal(Outcome::Success);
                 metrics.certificate_installed(
                     configs.identity().as_str(),
                     (configs.not_before(), configs.not_after()),
@@ -146,7 +146,7 @@ pub async fn run(
                 wait
             }
             Err(error) => {
-                metrics.renewal(false);
+                metrics.renewal(Outcome::Failure);
                 let remaining = store
                     .current()
                     .and_then(|c| c.not_after().duration_since(SystemTime::now()).ok())

@@ -3,24 +3,25 @@
 //! app's own traffic, passed through in `permissive` mode and refused in
 //! `strict` mode. Then the authorization policy, then the app.
 
-use std::{collections::HashSet, net::SocketAddr, sync::Arc, time::Instant};
+use std::{collections::HashSet, net::SocketAddr, sync::Arc};
 
 use serde::Serialize;
-use tokio::{io::AsyncWriteExt, net::TcpStream, sync::OwnedSemaphorePermit};
-use tokio_rustls::TlsAcceptor;
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tracing::{debug, info};
 
 use super::{
     Proxy,
     buffers::ReadAhead,
     detect::{self, DetectError, Protocol},
+    handshake::{self, Ready, Refusal, Secured},
     original_dst,
     prefixed::PrefixedIo,
     relay::relay,
 };
 use crate::{
-    metrics::Direction::Inbound,
-    tls::{failure_reason, spiffe_id},
+    metrics::{Direction::Inbound, HandshakeFailure, LabelValue, Security},
+    tls::spiffe_id,
 };
 
 /// What to do with traffic that is not mesh TLS.
@@ -46,13 +47,14 @@ pub enum InboundTarget {
     Explicit { app: SocketAddr },
 }
 
+/// A client connection as detection left it: the bytes it read come first.
+type Client = PrefixedIo<TcpStream>;
+
+/// The mesh TLS handshake with a client, still to drive.
+type Accept = tokio_rustls::Accept<PrefixedIo<ReadAhead<TcpStream>>>;
+
 /// Handles one accepted inbound connection.
-pub async fn handle(
-    proxy: Arc<Proxy>,
-    target: Arc<InboundTarget>,
-    mut tcp: TcpStream,
-    _permit: OwnedSemaphorePermit,
-) {
+pub async fn handle(proxy: Arc<Proxy>, target: Arc<InboundTarget>, tcp: TcpStream) {
     let app = match &*target {
         InboundTarget::Explicit { app } => *app,
         InboundTarget::Transparent { .. } => match original_dst(&tcp) {
@@ -67,9 +69,24 @@ pub async fn handle(
             }
         },
     };
-    let port = app.port();
     tracing::Span::current().record("dst", tracing::field::display(app));
-    let mode = match &*target {
+    let ready = classify(&proxy, &target, tcp, app.port()).await;
+    match handshake::run(&proxy, Inbound, ready).await {
+        Some(Secured::Mesh(tls)) => mesh(&proxy, tls, app).await,
+        Some(Secured::Plain(client)) => plaintext(&proxy, client, app).await,
+        None => {}
+    }
+}
+
+/// Decides what the connection is from its first bytes and the mode: mesh
+/// TLS to terminate, plaintext to pass (permissive), or a refusal.
+async fn classify(
+    proxy: &Proxy,
+    target: &InboundTarget,
+    mut tcp: TcpStream,
+    port: u16,
+) -> Result<Ready<Client, Accept>, Refusal> {
+    let mode = match target {
         InboundTarget::Explicit { .. } => Mode::Strict,
         InboundTarget::Transparent {
             mode,
@@ -77,13 +94,13 @@ pub async fn handle(
         } => {
             if server_first_ports.contains(&port) {
                 // The client waits for the server: nothing to detect.
-                if *mode == Mode::Strict {
-                    proxy.metrics.handshake_failed(Inbound, "plaintext");
-                    debug!(port, "strict mode refuses a server-first port's plaintext");
-                } else {
-                    plaintext(&proxy, tcp, Vec::new(), app).await;
-                }
-                return;
+                return match mode {
+                    Mode::Strict => {
+                        debug!(port, "strict mode refuses a server-first port's plaintext");
+                        Err(Refusal::from(HandshakeFailure::Plaintext).closing(tcp))
+                    }
+                    Mode::Permissive => Ok(Ready::Plain(PrefixedIo::new(Vec::new(), tcp))),
+                };
             }
             *mode
         }
@@ -92,71 +109,58 @@ pub async fn handle(
     let (protocol, prefix) = match detect::detect(&mut tcp, proxy.limits.detect).await {
         Ok(found) => found,
         Err(DetectError::Timeout(after)) => {
-            proxy.metrics.handshake_failed(Inbound, "timeout");
             debug!(?after, "the client sent nothing");
-            return;
+            return Err(Refusal::from(HandshakeFailure::Timeout).closing(tcp));
         }
         // A connect-and-close (a TCP health check, a port scan) is no handshake.
-        Err(DetectError::Closed(0)) => return,
+        Err(DetectError::Closed(0)) => return Err(Refusal::uncounted()),
         Err(DetectError::Closed(_)) => {
-            proxy.metrics.handshake_failed(Inbound, "protocol");
             debug!("the client closed in the middle of its first message");
-            return;
+            return Err(Refusal::from(HandshakeFailure::Protocol).closing(tcp));
         }
         Err(DetectError::Io(error)) => {
             debug!(%error, "reading the first bytes failed");
-            return;
+            return Err(Refusal::uncounted());
         }
     };
     match (protocol, mode) {
-        (Protocol::MeshTls, _) => mesh(&proxy, tcp, prefix, app).await,
-        (_, Mode::Permissive) => plaintext(&proxy, tcp, prefix, app).await,
+        (Protocol::MeshTls, _) => {
+            let configs = match proxy.configs() {
+                Ok(configs) => configs,
+                Err(reason) => return Err(Refusal::from(reason).closing(tcp)),
+            };
+            let acceptor = TlsAcceptor::from(configs.server());
+            Ok(Ready::Tls(
+                acceptor.accept(PrefixedIo::new(prefix, ReadAhead::new(tcp))),
+            ))
+        }
+        (_, Mode::Permissive) => Ok(Ready::Plain(PrefixedIo::new(prefix, tcp))),
         (other, Mode::Strict) => {
             let reason = match other {
-                Protocol::OtherTls => "no_alpn",
-                Protocol::BadTls => "protocol",
-                Protocol::NotTls | Protocol::MeshTls => "plaintext",
+                Protocol::OtherTls => HandshakeFailure::NoAlpn,
+                Protocol::BadTls => HandshakeFailure::Protocol,
+                Protocol::NotTls | Protocol::MeshTls => HandshakeFailure::Plaintext,
             };
-            proxy.metrics.handshake_failed(Inbound, reason);
-            debug!(reason, "strict mode refuses traffic that is not mesh TLS");
-            // Tell a TLS client why instead of just hanging up.
-            if other != Protocol::NotTls {
-                let _ = tcp.write_all(&HANDSHAKE_FAILURE_ALERT).await;
-            }
+            debug!(
+                reason = reason.as_str(),
+                "strict mode refuses traffic that is not mesh TLS"
+            );
+            let refusal = Refusal::from(reason);
+            Err(if other == Protocol::NotTls {
+                refusal.closing(tcp)
+            } else {
+                refusal.alerting(tcp)
+            })
         }
     }
 }
 
-/// A fatal TLS `handshake_failure` alert record.
-const HANDSHAKE_FAILURE_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28];
-
-/// Terminates mesh TLS, authorizes the peer, and relays to the app.
-async fn mesh(proxy: &Proxy, tcp: TcpStream, prefix: Vec<u8>, app: SocketAddr) {
-    let Some(configs) = proxy.tls(Inbound) else {
-        return;
-    };
-    let start = Instant::now();
-    let acceptor = TlsAcceptor::from(configs.server());
-    let accepted = tokio::time::timeout(
-        proxy.limits.handshake,
-        acceptor.accept(PrefixedIo::new(prefix, ReadAhead::new(tcp))),
-    )
-    .await;
-    let mut tls = match accepted {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(error)) => {
-            let reason = failure_reason(&error);
-            proxy.metrics.handshake_failed(Inbound, reason);
-            debug!(reason, %error, "inbound handshake failed");
-            return;
-        }
-        Err(_) => {
-            proxy.metrics.handshake_failed(Inbound, "timeout");
-            debug!("inbound handshake timed out");
-            return;
-        }
-    };
-    proxy.metrics.handshake_ok(Inbound, start.elapsed());
+/// Authorizes the peer of an established mesh TLS stream and relays to the app.
+async fn mesh(
+    proxy: &Proxy,
+    mut tls: TlsStream<PrefixedIo<ReadAhead<TcpStream>>>,
+    app: SocketAddr,
+) {
     // The verifier accepted exactly one SPIFFE ID; read it back.
     let Some(peer) = tls
         .get_ref()
@@ -179,7 +183,7 @@ async fn mesh(proxy: &Proxy, tcp: TcpStream, prefix: Vec<u8>, app: SocketAddr) {
 }
 
 /// Passes traffic that is not mesh TLS to the app (permissive mode).
-async fn plaintext(proxy: &Proxy, tcp: TcpStream, prefix: Vec<u8>, app: SocketAddr) {
+async fn plaintext(proxy: &Proxy, client: Client, app: SocketAddr) {
     if !proxy.policy.current().allows(app.port(), None) {
         proxy.metrics.authz_denied(app.port(), "");
         info!(
@@ -188,7 +192,7 @@ async fn plaintext(proxy: &Proxy, tcp: TcpStream, prefix: Vec<u8>, app: SocketAd
         );
         return;
     }
-    to_app(proxy, PrefixedIo::new(prefix, tcp), app, None).await;
+    to_app(proxy, client, app, None).await;
 }
 
 /// Connects to the app and relays; `peer` is the verified identity, if any.
@@ -203,9 +207,14 @@ where
             return;
         }
     };
+    let security = if peer.is_some() {
+        Security::Mtls
+    } else {
+        Security::Plaintext
+    };
     let _active = proxy
         .metrics
-        .opened(Inbound, peer.is_some(), peer.unwrap_or_default());
+        .opened(Inbound, security, peer.unwrap_or_default());
     debug!(peer = peer.unwrap_or_default(), "inbound connection open");
     match relay(
         client,

@@ -4,15 +4,19 @@
 //! - [`inbound`]: peers into the app (15006, or an explicit listener).
 //! - [`outbound`]: the app out to peers (15001, or an explicit listener).
 //! - [`detect`]: mesh TLS, other TLS or plaintext, from the first bytes.
+//! - [`handshake`]: the one place a mesh handshake is timed, classified and
+//!   counted.
 //! - [`relay`]: both directions, half-close, byte counts, idle timeout.
 //! - [`prefixed`]: replaying the bytes detection read.
 //! - [`buffers`]: pooled buffers held only while bytes move.
 //!
-//! [`serve`] is the accept loop every listener shares: a connection limit, a
-//! span and a tracked task per connection, and a drain on shutdown.
+//! [`serve`] is the accept loop every listener shares: a connection limit
+//! (the loop holds each connection's permit until its task ends), a span and
+//! a tracked task per connection, and a drain on shutdown.
 
 pub mod buffers;
 pub mod detect;
+pub mod handshake;
 pub mod inbound;
 pub mod outbound;
 pub mod prefixed;
@@ -29,13 +33,13 @@ use std::{
 use serde::Serialize;
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{OwnedSemaphorePermit, Semaphore},
+    sync::Semaphore,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, Span, debug, warn};
 
 use crate::{
-    metrics::{Direction, Metrics},
+    metrics::{HandshakeFailure, Metrics},
     policy::PolicyStore,
     tls::{CertStore, TlsConfigs},
 };
@@ -93,19 +97,18 @@ impl Proxy {
         }
     }
 
-    /// The TLS configurations to use now, or the reason there are none.
-    fn tls(&self, direction: Direction) -> Option<Arc<TlsConfigs>> {
+    /// The TLS configurations for a new handshake, or why none can start:
+    /// without a valid certificate of our own every handshake fails closed.
+    fn configs(&self) -> Result<Arc<TlsConfigs>, HandshakeFailure> {
         let Some(configs) = self.store.current() else {
-            self.metrics.handshake_failed(direction, "no_certificate");
             debug!("no certificate yet: failing closed");
-            return None;
+            return Err(HandshakeFailure::NoCertificate);
         };
         if configs.not_after() <= SystemTime::now() {
-            self.metrics.handshake_failed(direction, "expired");
             debug!(identity = %configs.identity(), "our certificate expired: failing closed");
-            return None;
+            return Err(HandshakeFailure::Expired);
         }
-        Some(configs)
+        Ok(configs)
     }
 
     /// Waits until every connection has ended, or `deadline` passes; returns
@@ -131,7 +134,7 @@ pub async fn serve<H, F>(
     span: impl Fn(SocketAddr) -> Span,
     handle: H,
 ) where
-    H: Fn(TcpStream, SocketAddr, OwnedSemaphorePermit) -> F,
+    H: Fn(TcpStream, SocketAddr) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
     loop {
@@ -155,9 +158,14 @@ pub async fn serve<H, F>(
             },
         };
         let _ = tcp.set_nodelay(true);
-        proxy
-            .tracker
-            .spawn(handle(tcp, peer, permit).instrument(span(peer)));
+        let connection = handle(tcp, peer);
+        proxy.tracker.spawn(
+            async move {
+                connection.await;
+                drop(permit);
+            }
+            .instrument(span(peer)),
+        );
     }
 }
 

@@ -3,20 +3,27 @@
 //! trust domain (and, for explicit listeners, the expected identity); other
 //! destinations and excluded ports are relayed as they are.
 
-use std::{collections::HashSet, net::SocketAddr, sync::Arc, time::Instant};
+use std::{collections::HashSet, convert::Infallible, net::SocketAddr, sync::Arc};
 
 use ipnet::IpNet;
 use palisade_proto::SpiffeId;
 use rustls::pki_types::ServerName;
 use serde::Serialize;
-use tokio::{net::TcpStream, sync::OwnedSemaphorePermit};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
-use super::{Proxy, buffers::ReadAhead, connect, original_dst, relay::relay};
+use super::{
+    Proxy,
+    buffers::ReadAhead,
+    connect,
+    handshake::{self, Ready, Refusal, Secured},
+    original_dst,
+    relay::relay,
+};
 use crate::{
-    metrics::Direction::Outbound,
-    tls::{failure_reason, spiffe_id},
+    metrics::{Direction::Outbound, HandshakeFailure, Security},
+    tls::spiffe_id,
 };
 
 /// Where outbound connections go.
@@ -36,13 +43,11 @@ pub enum OutboundTarget {
     },
 }
 
+/// The mesh TLS handshake with a peer, still to drive.
+type Connect = tokio_rustls::Connect<ReadAhead<TcpStream>>;
+
 /// Handles one accepted outbound connection.
-pub async fn handle(
-    proxy: Arc<Proxy>,
-    target: Arc<OutboundTarget>,
-    tcp: TcpStream,
-    _permit: OwnedSemaphorePermit,
-) {
+pub async fn handle(proxy: Arc<Proxy>, target: Arc<OutboundTarget>, tcp: TcpStream) {
     let (dst, expected, mesh) = match &*target {
         OutboundTarget::Explicit { upstream, identity } => (upstream.clone(), Some(identity), true),
         OutboundTarget::Transparent {
@@ -67,67 +72,13 @@ pub async fn handle(
     tracing::Span::current().record("dst", tracing::field::display(&dst));
 
     if !mesh {
-        let upstream = match connect(&dst, proxy.limits.connect).await {
-            Ok(tcp) => tcp,
-            Err(error) => {
-                debug!(%error, "cannot connect to a destination outside the mesh");
-                return;
-            }
-        };
-        let _active = proxy.metrics.opened(Outbound, false, "");
-        if let Err(error) = relay(
-            tcp,
-            upstream,
-            &proxy.metrics.bytes(Outbound),
-            proxy.limits.idle,
-        )
-        .await
-        {
-            debug!(%error, "outbound passthrough connection ended with an error");
-        }
+        passthrough(&proxy, tcp, &dst).await;
         return;
     }
-
-    let Some(configs) = proxy.tls(Outbound) else {
+    let ready = connect_mesh(&proxy, &dst, expected).await;
+    let Some(Secured::Mesh(tls)) = handshake::run(&proxy, Outbound, ready).await else {
         return;
     };
-    let upstream = match connect(&dst, proxy.limits.connect).await {
-        Ok(tcp) => tcp,
-        Err(error) => {
-            proxy.metrics.handshake_failed(Outbound, "connect");
-            debug!(%error, "cannot connect to the peer");
-            return;
-        }
-    };
-    let peer_ip = match upstream.peer_addr() {
-        Ok(addr) => addr.ip(),
-        Err(_) => return,
-    };
-    let start = Instant::now();
-    let connector = TlsConnector::from(configs.client(expected));
-    let connected = tokio::time::timeout(
-        proxy.limits.handshake,
-        connector.connect(
-            ServerName::IpAddress(peer_ip.into()),
-            ReadAhead::new(upstream),
-        ),
-    )
-    .await;
-    let tls = match connected {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(error)) => {
-            let reason = failure_reason(&error);
-            proxy.metrics.handshake_failed(Outbound, reason);
-            debug!(reason, %error, "outbound handshake failed");
-            return;
-        }
-        Err(_) => {
-            proxy.metrics.handshake_failed(Outbound, "timeout");
-            debug!("outbound handshake timed out");
-            return;
-        }
-    };
-    proxy.metrics.handshake_ok(Outbound, start.elapsed());
     let peer = tls
         .get_ref()
         .1
@@ -136,11 +87,53 @@ pub async fn handle(
         .and_then(|leaf| spiffe_id(leaf).ok());
     let peer_label = peer.as_ref().map(SpiffeId::as_str).unwrap_or_default();
     tracing::Span::current().record("identity", tracing::field::display(peer_label));
-    let _active = proxy.metrics.opened(Outbound, true, peer_label);
+    let _active = proxy.metrics.opened(Outbound, Security::Mtls, peer_label);
     debug!(peer = peer_label, "outbound mTLS connection open");
     match relay(tcp, tls, &proxy.metrics.bytes(Outbound), proxy.limits.idle).await {
         Ok((sent, received)) => debug!(sent, received, "outbound connection closed"),
         Err(error) => debug!(%error, "outbound connection ended with an error"),
+    }
+}
+
+/// Connects to a mesh peer and prepares the TLS handshake that must find
+/// `expected` there (any identity of the trust domain when `None`).
+async fn connect_mesh(
+    proxy: &Proxy,
+    dst: &str,
+    expected: Option<&SpiffeId>,
+) -> Result<Ready<Infallible, Connect>, Refusal> {
+    let configs = proxy.configs()?;
+    let upstream = connect(dst, proxy.limits.connect).await.map_err(|error| {
+        debug!(%error, "cannot connect to the peer");
+        HandshakeFailure::Connect
+    })?;
+    let peer_ip = upstream.peer_addr().map_err(|_| Refusal::uncounted())?.ip();
+    let connector = TlsConnector::from(configs.client(expected));
+    Ok(Ready::Tls(connector.connect(
+        ServerName::IpAddress(peer_ip.into()),
+        ReadAhead::new(upstream),
+    )))
+}
+
+/// Relays a connection to a destination outside the mesh as it is.
+async fn passthrough(proxy: &Proxy, tcp: TcpStream, dst: &str) {
+    let upstream = match connect(dst, proxy.limits.connect).await {
+        Ok(tcp) => tcp,
+        Err(error) => {
+            debug!(%error, "cannot connect to a destination outside the mesh");
+            return;
+        }
+    };
+    let _active = proxy.metrics.opened(Outbound, Security::Plaintext, "");
+    if let Err(error) = relay(
+        tcp,
+        upstream,
+        &proxy.metrics.bytes(Outbound),
+        proxy.limits.idle,
+    )
+    .await
+    {
+        debug!(%error, "outbound passthrough connection ended with an error");
     }
 }
 

@@ -9,7 +9,8 @@ use rcgen::{
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 
-use super::{CertStore, Material, StoreError, Verification, tls_reason};
+use super::{CertStore, Material, StoreError, Verification};
+use crate::{metrics::LabelValue, proxy::handshake::classify_tls};
 
 const ID: &str = "spiffe://cluster.local/ns/a/sa/app";
 
@@ -154,7 +155,7 @@ fn verifiers_accept_a_good_chain_and_name_each_failure() {
             let err = verification
                 .verify(&cert, &[], unix(t), client)
                 .expect_err(name);
-            assert_eq!(tls_reason(&err), reason, "{name}: {err}");
+            assert_eq!(classify_tls(&err).as_str(), reason, "{name}: {err}");
         }
     }
 }
