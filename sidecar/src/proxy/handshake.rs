@@ -181,3 +181,145 @@ impl From<HandshakeFailure> for Refusal {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::Arc, time::Duration};
+
+    use palisade_proto::TrustDomain;
+    use prometheus::Registry;
+
+    use super::*;
+    use crate::{
+        metrics::Metrics,
+        policy::{Policy, PolicyStore},
+        proxy::Limits,
+        tls::CertStore,
+    };
+
+    fn proxy() -> (Proxy, Registry) {
+        let registry = Registry::new();
+        let metrics = Metrics::register(&registry).expect("metrics");
+        let td = TrustDomain::parse("cluster.local").expect("valid");
+        let limits = Limits {
+            handshake: Duration::from_secs(10),
+            detect: Duration::from_secs(5),
+            connect: Duration::from_secs(5),
+            idle: None,
+        };
+        let proxy = Proxy::new(
+            Arc::new(CertStore::new(td, Vec::new())),
+            Arc::new(PolicyStore::fixed(Policy::allow_all())),
+            metrics,
+            limits,
+            16,
+        );
+        (proxy, registry)
+    }
+
+    /// Handshakes counted under `result`/`reason` in `direction`.
+    fn counted(registry: &Registry, direction: &str, result: &str, reason: &str) -> u64 {
+        registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == "palisade_tls_handshakes_total")
+            .flat_map(|f| f.get_metric())
+            .filter(|m| {
+                let labels: Vec<_> = m
+                    .get_label()
+                    .iter()
+                    .map(|l| (l.name(), l.value()))
+                    .collect();
+                labels.contains(&("direction", direction))
+                    && labels.contains(&("result", result))
+                    && labels.contains(&("reason", reason))
+            })
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
+    }
+
+    fn total(registry: &Registry) -> u64 {
+        registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == "palisade_tls_handshakes_total")
+            .flat_map(|f| f.get_metric())
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
+    }
+
+    type Never = std::future::Pending<io::Result<()>>;
+
+    #[tokio::test]
+    async fn each_outcome_is_counted_once_under_its_reason() {
+        let (proxy, registry) = proxy();
+        let ok = run::<(), _, _>(
+            &proxy,
+            Direction::Inbound,
+            Ok(Ready::Tls(async { io::Result::Ok(7) })),
+        )
+        .await;
+        assert!(matches!(ok, Some(Secured::Mesh(7))));
+        assert_eq!(counted(&registry, "inbound", "success", "ok"), 1);
+
+        let refused = io::Error::other(Error::NoCertificatesPresented);
+        let failed = run::<(), _, ()>(
+            &proxy,
+            Direction::Inbound,
+            Ok(Ready::Tls(async { Err(refused) })),
+        )
+        .await;
+        assert!(failed.is_none());
+        assert_eq!(
+            counted(&registry, "inbound", "failure", "no_client_cert"),
+            1
+        );
+
+        let before = run::<(), Never, ()>(
+            &proxy,
+            Direction::Outbound,
+            Err(HandshakeFailure::Connect.into()),
+        )
+        .await;
+        assert!(before.is_none());
+        assert_eq!(counted(&registry, "outbound", "failure", "connect"), 1);
+        assert_eq!(total(&registry), 3, "one count per outcome, nothing else");
+
+        // Neither plaintext passed through nor a connect-and-close is a handshake.
+        let plain =
+            run::<_, Never, ()>(&proxy, Direction::Inbound, Ok(Ready::Plain("bytes"))).await;
+        assert!(matches!(plain, Some(Secured::Plain("bytes"))));
+        let silent =
+            run::<(), Never, ()>(&proxy, Direction::Inbound, Err(Refusal::uncounted())).await;
+        assert!(silent.is_none());
+        assert_eq!(total(&registry), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_handshake_that_never_ends_is_a_timeout() {
+        let (proxy, registry) = proxy();
+        let hung = run::<(), Never, ()>(
+            &proxy,
+            Direction::Outbound,
+            Ok(Ready::Tls(std::future::pending())),
+        )
+        .await;
+        assert!(hung.is_none());
+        assert_eq!(counted(&registry, "outbound", "failure", "timeout"), 1);
+        assert_eq!(counted(&registry, "outbound", "success", "ok"), 0);
+    }
+
+    #[test]
+    fn io_errors_without_a_rustls_error_are_closed_or_protocol() {
+        let closed = io::Error::from(io::ErrorKind::UnexpectedEof);
+        assert_eq!(classify(&closed), HandshakeFailure::Closed);
+        let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+        assert_eq!(classify(&reset), HandshakeFailure::Closed);
+        let timed_out = io::Error::from(io::ErrorKind::TimedOut);
+        assert_eq!(classify(&timed_out), HandshakeFailure::Timeout);
+        let other = io::Error::other("garbage");
+        assert_eq!(classify(&other), HandshakeFailure::Protocol);
+        let no_alpn = io::Error::other(Error::NoApplicationProtocol);
+        assert_eq!(classify(&no_alpn), HandshakeFailure::NoAlpn);
+    }
+}
