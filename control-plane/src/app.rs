@@ -21,9 +21,9 @@ use palisade_runtime::{
 
 use crate::{
     authn::{Authenticator, KubernetesAuthenticator, StaticTokens},
-    ca::{CaStore, Reload},
+    ca::{CaStore, Reload, serving::ServingCert},
     config::{AuthenticatorConfig, ServeConfig},
-    grpc::{self, ServerLimits, ServingCert},
+    grpc::{self, ServerLimits},
     inject::{
         InjectionConfig, Injector,
         server::{self as webhook, WebhookLimits},
@@ -31,6 +31,7 @@ use crate::{
     metrics::{Metrics, Outcome, ReloadSource},
     publish::BundlePublisher,
     service::IdentityService,
+    tls,
 };
 
 /// A control plane whose listeners are bound, ready to run.
@@ -181,8 +182,8 @@ impl App {
             ServingCert::new(&ca, config.server_names.clone())
                 .context("issuing the serving certificate")?,
         );
-        let tls =
-            grpc::server_tls(serving.clone()).context("building the gRPC TLS configuration")?;
+        let tls = tls::server_config(serving.clone(), grpc::ALPN)
+            .context("building the gRPC TLS configuration")?;
         let ready = Arc::new(AtomicBool::new(false));
         let grpc_addr = grpc.local_addr()?;
         let admin_addr = admin.local_addr()?;
@@ -220,7 +221,7 @@ impl App {
                 metrics.clone(),
                 namespaces,
             ));
-            let tls = webhook::server_tls(serving.clone())
+            let tls = tls::server_config(serving.clone(), webhook::ALPN)
                 .context("building the webhook TLS configuration")?;
             let limits = WebhookLimits {
                 handshake_timeout: config.handshake_timeout,

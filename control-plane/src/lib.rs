@@ -9,7 +9,9 @@
 //! - [`ca`]: the issuer, CSR checks and certificate signing.
 //! - [`authn`]: the `static` and `kubernetes` token authenticators.
 //! - [`service`]: the `Identity` gRPC service.
-//! - [`grpc`]: the TLS gRPC server and its self-issued serving certificate.
+//! - [`grpc`]: the gRPC server of the `Identity` service.
+//! - [`tls`]: TLS for the gRPC and webhook servers: one configuration, one
+//!   bounded accept loop.
 //! - [`inject`]: the sidecar-injection webhook (HTTPS, 15017).
 //! - [`publish`]: writes the trust bundle into the cluster (webhook `caBundle`,
 //!   per-namespace ConfigMaps).
@@ -28,3 +30,4 @@ pub mod publish;
 pub mod service;
 #[cfg(test)]
 pub(crate) mod testing;
+pub mod tls;

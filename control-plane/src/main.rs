@@ -11,10 +11,13 @@ use palisade_control_plane::{
     ca::init,
     config::{CaCommand, Cli, Command},
 };
-use palisade_runtime::telemetry;
+use palisade_runtime::{
+    process::{self, shutdown_signal},
+    telemetry,
+};
 
 fn main() -> ExitCode {
-    palisade_runtime::exit_code(run(Cli::parse()))
+    process::exit_code(run(Cli::parse()))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -29,14 +32,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve(args) => {
-            let config = args.into_config()?;
+            let config = args.into_config(cli.log.config())?;
             // kube's client logs whole response bodies on some errors, and a
             // TokenReview response echoes the token under review.
             telemetry::init(&config.log, &["kube_client::client=error"])
                 .map_err(anyhow::Error::msg)?;
-            rustls::crypto::aws_lc_rs::default_provider()
-                .install_default()
-                .map_err(|_| anyhow::anyhow!("a rustls crypto provider was already installed"))?;
+            process::install_crypto_provider()?;
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -46,21 +47,5 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     app.run(shutdown_signal()).await
                 })
         }
-    }
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }

@@ -2,26 +2,17 @@
 //!
 //! - [`watch`]: file change notification for hot reloads.
 //! - [`admin`]: the admin server: `/metrics`, `/ready`, `/live`, `/config`.
-//! - [`telemetry`]: logging setup.
+//! - [`telemetry`]: the logging flags both binaries share, and logging setup.
+//! - [`process`]: the crypto provider, the shutdown signal, the exit code.
 //! - [`metrics`]: closed label sets as types, and the catalogue of registered
 //!   metric families that `docs/metrics.md` is checked against.
-//! - [`exit_code`]: how a binary reports a fatal error.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod metrics;
+pub mod process;
 pub mod telemetry;
 pub mod watch;
 
-/// Turns `main`'s result into an exit code, printing a fatal error as one line
-/// with its causes (`{:#}`) rather than a backtrace.
-pub fn exit_code(result: anyhow::Result<()>) -> std::process::ExitCode {
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
+pub use process::exit_code;

@@ -6,7 +6,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use palisade_runtime::telemetry;
+use palisade_runtime::{
+    process::{self, shutdown_signal},
+    telemetry,
+};
 use palisade_sidecar::{
     app::App,
     capture,
@@ -16,13 +19,11 @@ use palisade_sidecar::{
 };
 
 fn main() -> ExitCode {
-    palisade_runtime::exit_code(run(Cli::parse()))
+    process::exit_code(run(Cli::parse()))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    rustls::crypto::aws_lc_rs::default_provider()
-        .install_default()
-        .map_err(|_| anyhow::anyhow!("a rustls crypto provider was already installed"))?;
+    process::install_crypto_provider()?;
     telemetry::init(&cli.log_config(), &[]).map_err(anyhow::Error::msg)?;
     match cli.command {
         Command::Run(args) => {
@@ -84,17 +85,4 @@ fn runtime(multi_thread: bool, worker_threads: usize) -> anyhow::Result<tokio::r
         .enable_all()
         .build()
         .context("starting the tokio runtime")
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

@@ -4,6 +4,7 @@
 //! - [`csr`]: checks a CSR (size, key, signature, requested names).
 //! - [`signer`]: builds and signs workload certificates.
 //! - [`init`]: `ca init`, a fresh root for local use.
+//! - [`serving`]: the control plane's own serving certificate, issued by the CA.
 //!
 //! [`CaStore`] holds the current issuer behind an [`ArcSwap`]: signing never
 //! locks, and a reload swaps in a validated replacement or keeps the old one.
@@ -11,6 +12,7 @@
 pub mod csr;
 pub mod init;
 pub mod issuer;
+pub mod serving;
 pub mod signer;
 #[cfg(test)]
 mod tests;

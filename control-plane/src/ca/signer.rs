@@ -23,16 +23,16 @@ use super::{
 #[derive(Clone, Debug, Serialize)]
 pub struct LifetimePolicy {
     /// Used when the request names no lifetime.
-    #[serde(with = "humantime_serde_secs")]
+    #[serde(with = "humantime_serde")]
     pub default: Duration,
     /// Shorter requests are refused.
-    #[serde(with = "humantime_serde_secs")]
+    #[serde(with = "humantime_serde")]
     pub min: Duration,
     /// Longer requests are clamped to this.
-    #[serde(with = "humantime_serde_secs")]
+    #[serde(with = "humantime_serde")]
     pub max: Duration,
     /// How far notBefore is set in the past, for clock skew between nodes.
-    #[serde(with = "humantime_serde_secs")]
+    #[serde(with = "humantime_serde")]
     pub backdate: Duration,
 }
 
@@ -162,15 +162,4 @@ fn truncate_to_seconds(t: SystemTime) -> SystemTime {
         .map(|d| d.as_secs())
         .unwrap_or_default();
     SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
-}
-
-/// Serializes durations as humantime strings ("1h", "60s") for the admin `/config` view.
-mod humantime_serde_secs {
-    use std::time::Duration;
-
-    use serde::Serializer;
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
-    }
 }

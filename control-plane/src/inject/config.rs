@@ -49,7 +49,7 @@ pub struct SidecarTemplate {
     #[serde(default)]
     pub inbound_mode: InboundMode,
     /// Requested certificate lifetime (`1h`, `30m`); the control plane's default when absent.
-    #[serde(default, with = "humantime_serde_opt")]
+    #[serde(default, with = "humantime_serde")]
     pub lifetime: Option<Duration>,
     /// Merged with the annotation `palisade.io/exclude-outbound-ports`.
     #[serde(default)]
@@ -333,24 +333,4 @@ fn default_expiration() -> i64 {
 
 fn yes() -> bool {
     true
-}
-
-/// `Option<Duration>` as humantime text (`1h`, `90s`).
-mod humantime_serde_opt {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        let text: Option<String> = Option::deserialize(d)?;
-        text.map(|t| humantime::parse_duration(&t).map_err(serde::de::Error::custom))
-            .transpose()
-    }
 }

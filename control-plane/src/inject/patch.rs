@@ -173,12 +173,13 @@ pub fn decide(
         .unwrap_or("default");
     // The same derivation the authenticator applies to the pod's token: the
     // identity injected is the identity the control plane will sign.
-    let identity = SpiffeId::from_kubernetes(trust_domain, namespace, service_account).map_err(
-        |_| PodError::BadIdentity {
-            namespace: shorten(namespace),
-            service_account: shorten(service_account),
-        },
-    )?;
+    let identity =
+        SpiffeId::from_kubernetes(trust_domain, namespace, service_account).map_err(|_| {
+            PodError::BadIdentity {
+                namespace: shorten(namespace),
+                service_account: shorten(service_account),
+            }
+        })?;
 
     let volumes = array_at(pod, "/spec/volumes", "spec.volumes")?;
     for ours in [TOKEN_VOLUME, BUNDLE_VOLUME, INIT_RUN_VOLUME] {
@@ -328,7 +329,7 @@ fn sidecar_container(config: &InjectionConfig, s: &Settings<'_>) -> Value {
         env_var("PALISADE_OUTBOUND_ADDR", "127.0.0.1:15001,[::1]:15001"),
         env_var("PALISADE_INBOUND_ADDR", "0.0.0.0:15006,[::]:15006"),
         env_var("PALISADE_LOG_LEVEL", &sidecar.log_level),
-        env_var("PALISADE_LOG_JSON", "true"),
+        env_var("PALISADE_LOG_FORMAT", "json"),
     ];
     if !s.exclude_outbound.is_empty() {
         env.push(env_var(

@@ -3,8 +3,9 @@
 //! It shares the control plane's self-issued serving certificate (the
 //! Service's DNS names are among `--server-name`), so the API server verifies
 //! it with the trust bundle the control plane writes into the webhook's
-//! `caBundle`. Handshakes are bounded in time and number; on shutdown,
-//! in-flight reviews finish.
+//! `caBundle`, and the accept loop of [`crate::tls`]: handshakes and open
+//! connections are bounded in time and number; on shutdown, in-flight
+//! reviews finish.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -22,12 +23,11 @@ use hyper_util::{
     service::TowerToHyperService,
 };
 use rustls::ServerConfig;
-use tokio::{net::TcpListener, sync::Semaphore};
-use tokio_rustls::TlsAcceptor;
+use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
 use super::Injector;
-use crate::grpc::ServingCert;
+use crate::tls::{AcceptLimits, Established, Incoming};
 
 /// The API server sends objects of at most 3 MiB; leave room for the envelope.
 pub const MAX_BODY: usize = 8 * 1024 * 1024;
@@ -43,18 +43,8 @@ pub struct WebhookLimits {
     pub drain: Duration,
 }
 
-/// TLS for the webhook: TLS 1.2 and 1.3, ALPN h2 and http/1.1 (the API
-/// server uses either), no client certificate.
-pub fn server_tls(cert: Arc<ServingCert>) -> Result<Arc<ServerConfig>, rustls::Error> {
-    let mut config = ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_cert_resolver(cert);
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
-}
+/// ALPN of the webhook: h2 and http/1.1 (the API server uses either).
+pub const ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
 
 /// The routes: `POST /inject`.
 pub fn router(injector: Arc<Injector>) -> Router {
@@ -78,39 +68,25 @@ pub async fn serve(
     limits: WebhookLimits,
     shutdown: impl Future<Output = ()>,
 ) {
-    let acceptor = TlsAcceptor::from(tls);
     let service = router(injector);
-    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let accept = AcceptLimits {
+        slots: limits.max_connections,
+        handshake_timeout: limits.handshake_timeout,
+    };
+    let mut incoming = Incoming::start(listener, tls, accept, "webhook");
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
+        let Established { tls, peer, slot } = tokio::select! {
             () = &mut shutdown => break,
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            next = incoming.next() => match next { Some(conn) => conn, None => break },
         };
-        let (tcp, peer) = tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(error) => {
-                    warn!(%error, "webhook accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
         let service = TowerToHyperService::new(service.clone());
         let watcher = graceful.watcher();
         let timeout = limits.handshake_timeout;
         tokio::spawn(async move {
-            let _permit = permit;
-            let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(error)) => return debug!(%peer, %error, "webhook TLS handshake failed"),
-                Err(_) => return debug!(%peer, "webhook TLS handshake timed out"),
-            };
+            // The slot bounds open connections: held until this one ends.
+            let _slot = slot;
             let mut builder = auto::Builder::new(TokioExecutor::new());
             // A client that never finishes its headers holds a slot only this long.
             builder
@@ -123,6 +99,7 @@ pub async fn serve(
             }
         });
     }
+    drop(incoming);
     if tokio::time::timeout(limits.drain, graceful.shutdown())
         .await
         .is_err()

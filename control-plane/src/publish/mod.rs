@@ -71,10 +71,10 @@ pub struct PublishConfig {
     /// ConfigMap written into every injection-enabled namespace.
     pub bundle_configmap: Option<String>,
     /// Everything is re-checked this often, even without a change.
-    #[serde(with = "humantime_text")]
+    #[serde(with = "humantime_serde")]
     pub resync: Duration,
     /// Each API call is abandoned after this long.
-    #[serde(with = "humantime_text")]
+    #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
 }
 
@@ -389,12 +389,4 @@ impl BundlePublisher {
 
 fn pointer(text: &str) -> json_patch::jsonptr::PointerBuf {
     json_patch::jsonptr::PointerBuf::parse(text).expect("the pointers built here are valid")
-}
-
-mod humantime_text {
-    use std::time::Duration;
-
-    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
-    }
 }

@@ -28,16 +28,16 @@ use crate::{
 #[derive(Clone, Debug, Serialize)]
 pub struct Schedule {
     /// Never renew sooner than this after an issuance.
-    #[serde(with = "crate::config::duration_text")]
+    #[serde(with = "humantime_serde")]
     pub min_interval: Duration,
     /// Never wait longer than this between renewals.
-    #[serde(with = "crate::config::duration_text")]
+    #[serde(with = "humantime_serde")]
     pub max_interval: Duration,
     /// First retry delay after a failure.
-    #[serde(with = "crate::config::duration_text")]
+    #[serde(with = "humantime_serde")]
     pub backoff_base: Duration,
     /// Longest retry delay.
-    #[serde(with = "crate::config::duration_text")]
+    #[serde(with = "humantime_serde")]
     pub backoff_cap: Duration,
 }
 

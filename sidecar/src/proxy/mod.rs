@@ -48,16 +48,16 @@ use crate::{
 #[derive(Clone, Debug, Serialize)]
 pub struct Limits {
     /// A TLS handshake is abandoned after this long.
-    #[serde(with = "crate::config::duration_text")]
+    #[serde(with = "humantime_serde")]
     pub handshake: Duration,
     /// A client that sends nothing is dropped after this long.
-    #[serde(with = "crate::config::duration_text")]
+    #[serde(with = "humantime_serde")]
     pub detect: Duration,
     /// Connecting to the app or to a peer gives up after this long.
-    #[serde(with = "crate::config::duration_text")]
+    #[serde(with = "humantime_serde")]
     pub connect: Duration,
     /// A connection on which nothing moves is closed after this long.
-    #[serde(with = "crate::config::duration_text_opt")]
+    #[serde(with = "humantime_serde")]
     pub idle: Option<Duration>,
 }
 
