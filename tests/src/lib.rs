@@ -7,6 +7,9 @@
 //! - [`identity_client`]: a tonic client that trusts only the mesh's bundle.
 //! - [`http_get`]: a one-shot HTTP/1.1 GET for admin endpoints.
 //! - [`require_tool`], [`require_root`]: fail loudly when a test cannot run.
+//! - [`eventually`]: wait for a condition, with a deadline, instead of sleeping.
+//! - [`netns`]: pods and plain hosts as network namespaces on a bridge, with
+//!   processes as a given user, packet capture and cleanup (root only).
 //! - [`process_ticks`]: a process's CPU time, for the benchmarks.
 
 #![forbid(unsafe_code)]
@@ -17,12 +20,14 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, anyhow, bail};
 use palisade_proto::identity::v1::identity_client::IdentityClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+pub mod netns;
 
 /// Path of a workspace binary, next to the test executable's `deps/` folder.
 /// The test command builds them first (`cargo build --workspace --bins`).
@@ -316,6 +321,29 @@ pub fn require_root() {
     );
 }
 
+/// Calls `condition` until it returns `Some`, and returns that value; panics
+/// naming `what` when `timeout` has passed without it. Polls with a short
+/// backoff (10 ms, doubling up to 200 ms), and once more at the deadline.
+pub fn eventually<T>(
+    timeout: Duration,
+    what: &str,
+    mut condition: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(10);
+    loop {
+        if let Some(value) = condition() {
+            return value;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(pause.min(left));
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
 /// utime + stime of a process (all its threads, live and exited), in clock
 /// ticks; `pid` is a number or `self`.
 pub fn process_ticks(pid: &str) -> Result<u64> {
@@ -337,4 +365,41 @@ pub fn process_ticks(pid: &str) -> Result<u64> {
             .with_context(|| format!("{path}: field {} is not a number", i + 3))
     };
     Ok(field(11)? + field(12)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    #[test]
+    fn eventually_returns_the_value_once_the_condition_holds() {
+        let mut calls = 0;
+        let value = eventually(Duration::from_secs(5), "the third call", || {
+            calls += 1;
+            (calls == 3).then_some(calls * 10)
+        });
+        assert_eq!(value, 30);
+    }
+
+    #[test]
+    fn eventually_names_what_it_waited_for_after_the_timeout() {
+        let started = Instant::now();
+        let failure = std::panic::catch_unwind(|| {
+            eventually(Duration::from_millis(200), "a condition that never holds", || {
+                None::<()>
+            })
+        })
+        .expect_err("the condition never holds");
+        let waited = started.elapsed();
+        let message = failure
+            .downcast_ref::<String>()
+            .expect("a formatted panic message");
+        assert_eq!(
+            message,
+            "timed out after 200ms waiting for a condition that never holds"
+        );
+        assert!(waited >= Duration::from_millis(200) && waited < Duration::from_secs(2));
+    }
 }
