@@ -324,11 +324,7 @@ pub fn require_root() {
 /// Calls `condition` until it returns `Some`, and returns that value; panics
 /// naming `what` when `timeout` has passed without it. Polls with a short
 /// backoff (10 ms, doubling up to 200 ms), and once more at the deadline.
-pub fn eventually<T>(
-    timeout: Duration,
-    what: &str,
-    mut condition: impl FnMut() -> Option<T>,
-) -> T {
+pub fn eventually<T>(timeout: Duration, what: &str, mut condition: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(10);
     loop {
@@ -387,9 +383,11 @@ mod tests {
     fn eventually_names_what_it_waited_for_after_the_timeout() {
         let started = Instant::now();
         let failure = std::panic::catch_unwind(|| {
-            eventually(Duration::from_millis(200), "a condition that never holds", || {
-                None::<()>
-            })
+            eventually(
+                Duration::from_millis(200),
+                "a condition that never holds",
+                || None::<()>,
+            )
         })
         .expect_err("the condition never holds");
         let waited = started.elapsed();

@@ -209,7 +209,13 @@ impl Lan {
         assert_test_range(bridge);
         let node = Netns::new("node");
         node.ip(&["link", "add", "br0", "type", "bridge"]);
-        node.ip(&["addr", "add", &format!("{bridge}/{prefix_len}"), "dev", "br0"]);
+        node.ip(&[
+            "addr",
+            "add",
+            &format!("{bridge}/{prefix_len}"),
+            "dev",
+            "br0",
+        ]);
         node.ip(&["link", "set", "br0", "up"]);
         let dir = tempfile::Builder::new()
             .prefix(&format!("{NAME_PREFIX}{}-", std::process::id()))
@@ -328,9 +334,11 @@ impl Lan {
             "({filter}) or (udp and dst port {BARRIER_PORT} and src host {})",
             self.bridge
         );
-        let mut proc = self
-            .node
-            .spawn(&format!("tcpdump {name}"), &User::root(), tool("tcpdump"), |c| {
+        let mut proc = self.node.spawn(
+            &format!("tcpdump {name}"),
+            &User::root(),
+            tool("tcpdump"),
+            |c| {
                 // Every packet is handed over and written at once: without
                 // --immediate-mode, frames still in the kernel's ring when
                 // SIGINT arrives never reach the file. -Z root: keep the right
@@ -349,7 +357,8 @@ impl Lan {
                 .arg(&filter)
                 .stdout(Stdio::null())
                 .stderr(log);
-            });
+            },
+        );
         eventually(
             Duration::from_secs(10),
             &format!("tcpdump {name} listening on br0"),
@@ -406,7 +415,11 @@ impl Lan {
                 .output()
                 .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                 .unwrap_or_default();
-            let _ = writeln!(out, "--- nat table of host {} ({})\n{text}", host.role, host.name);
+            let _ = writeln!(
+                out,
+                "--- nat table of host {} ({})\n{text}",
+                host.role, host.name
+            );
         }
         out
     }
@@ -638,7 +651,8 @@ impl Proc {
             return Some(status);
         }
         // It may have exited since; the wait below tells.
-        let _ = rustix::process::kill_process(rustix::process::Pid::from_child(&self.child), signal);
+        let _ =
+            rustix::process::kill_process(rustix::process::Pid::from_child(&self.child), signal);
         match self.child.wait_timeout(Duration::from_secs(10)) {
             Ok(Some(status)) => Some(status),
             _ => {
@@ -1001,7 +1015,7 @@ fn sweep_stale() {
             .find_map(|prefix| name.strip_prefix(prefix))
             .and_then(|rest| rest.split('-').next())
             .and_then(|pid| pid.parse::<u32>().ok())
-            .is_some_and(|pid| !Path::new("/proc").join(pid.to_string()).exists())
+            .is_some_and(|pid| !alive(pid))
     };
     if let Ok(list) = Command::new(tool("ip")).args(["netns", "list"]).output() {
         for line in String::from_utf8_lossy(&list.stdout).lines() {
@@ -1028,9 +1042,35 @@ fn sweep_stale() {
     }
 }
 
+/// Whether process `pid` runs: a zombie (killed, not yet reaped) does not.
+fn alive(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next());
+        !matches!(state, Some("Z" | "X") | None)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_running_processes_are_alive() {
+        assert!(alive(std::process::id()));
+        let mut child = Command::new("true").spawn().expect("run true");
+        let pid = child.id();
+        // Exited and not yet reaped: a zombie, whose namespaces are stale.
+        eventually(Duration::from_secs(5), "true to exit", || {
+            fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z"))
+                .then_some(())
+        });
+        assert!(!alive(pid));
+        child.wait().expect("reap true");
+        assert!(!alive(pid));
+    }
 
     #[test]
     fn users_become_setpriv_arguments() {
@@ -1051,7 +1091,12 @@ mod tests {
                      -A OUTPUT -j RETURN\nCOMMIT\n# Completed\n";
         assert_eq!(
             normalize_saved(saved),
-            ["*nat", ":OUTPUT ACCEPT [0:0]", "-A OUTPUT -j RETURN", "COMMIT"]
+            [
+                "*nat",
+                ":OUTPUT ACCEPT [0:0]",
+                "-A OUTPUT -j RETURN",
+                "COMMIT"
+            ]
         );
     }
 

@@ -112,16 +112,43 @@ fn foreign_rules_survive_install_and_remove() {
     };
     iptables(
         Family::V4,
-        &["-t", "nat", "-A", "OUTPUT", "-d", "198.18.0.99", "-j", "RETURN"],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-d",
+            "198.18.0.99",
+            "-j",
+            "RETURN",
+        ],
     );
     iptables(Family::V4, &["-t", "nat", "-N", "OTHER_MESH"]);
     iptables(
         Family::V4,
-        &["-t", "nat", "-A", "PREROUTING", "-p", "udp", "-j", "OTHER_MESH"],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "udp",
+            "-j",
+            "OTHER_MESH",
+        ],
     );
     iptables(
         Family::V6,
-        &["-t", "nat", "-A", "OUTPUT", "-d", "2001:2::99", "-j", "RETURN"],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-d",
+            "2001:2::99",
+            "-j",
+            "RETURN",
+        ],
     );
     let before = (nat(&ns, Family::V4), nat(&ns, Family::V6));
 
@@ -131,9 +158,7 @@ fn foreign_rules_survive_install_and_remove() {
     for foreign in &before.0 {
         assert!(v4.contains(foreign), "install dropped `{foreign}`");
     }
-    assert!(
-        nat(&ns, Family::V6).contains(&"-A OUTPUT -d 2001:2::99/128 -j RETURN".to_owned())
-    );
+    assert!(nat(&ns, Family::V6).contains(&"-A OUTPUT -d 2001:2::99/128 -j RETURN".to_owned()));
 
     remove_with(&CaptureConfig::default(), &runner(&ns)).expect("remove");
     assert_eq!((nat(&ns, Family::V4), nat(&ns, Family::V6)), before);
@@ -161,7 +186,10 @@ fn install_repairs_duplicated_jumps() {
             &["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", OUTPUT_CHAIN],
         );
     }
-    ns.exec(&iptables, &["-t", "nat", "-A", "OUTPUT", "-j", OUTPUT_CHAIN]);
+    ns.exec(
+        &iptables,
+        &["-t", "nat", "-A", "OUTPUT", "-j", OUTPUT_CHAIN],
+    );
     install_with(&CaptureConfig::default(), &runner(&ns)).expect("install");
     let nat = nat(&ns, Family::V4);
     assert_installed(&nat, &CaptureConfig::default(), Family::V4);

@@ -277,10 +277,9 @@ fn init_remove_restores_the_nat_tables() {
             before,
             "`init` must have changed the nat table of {pod}"
         );
-        mesh.lan.host(pod).exec(
-            &mesh.sidecar_bin,
-            &["init", "--remove", "--ipv6=false"],
-        );
+        mesh.lan
+            .host(pod)
+            .exec(&mesh.sidecar_bin, &["init", "--remove", "--ipv6=false"]);
         let after = mesh.lan.host(pod).nat();
         assert_eq!(
             &after, before,
@@ -325,7 +324,14 @@ impl Mesh {
     /// `palisade-sidecar init`, starts the apps and the sidecars, and returns
     /// once both sidecars are ready.
     fn start() -> Self {
-        for name in ["ip", "iptables-save", "setpriv", "tcpdump", "python3", "curl"] {
+        for name in [
+            "ip",
+            "iptables-save",
+            "setpriv",
+            "tcpdump",
+            "python3",
+            "curl",
+        ] {
             tool(name);
         }
         let mut lan = Lan::new(NODE_IP, 24);
@@ -410,7 +416,10 @@ impl Mesh {
     fn restart_b(&mut self, extra: &[&str]) {
         self.sidecar_b.terminate();
         let policy_flag = format!("--policy={}", self.policy.display());
-        let flags: Vec<&str> = [policy_flag.as_str()].into_iter().chain(extra.iter().copied()).collect();
+        let flags: Vec<&str> = [policy_flag.as_str()]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect();
         self.sidecar_b = Sidecar::start(
             &self.lan,
             self.lan.host("b"),

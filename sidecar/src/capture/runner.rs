@@ -256,13 +256,8 @@ mod tests {
     #[test]
     fn a_command_past_its_deadline_is_killed_at_the_deadline() {
         let started = Instant::now();
-        let error = execute(
-            sh("sleep 30"),
-            "sleep 30",
-            None,
-            Duration::from_millis(300),
-        )
-        .expect_err("sleep outlives its deadline");
+        let error = execute(sh("sleep 30"), "sleep 30", None, Duration::from_millis(300))
+            .expect_err("sleep outlives its deadline");
         let waited = started.elapsed();
         assert!(
             matches!(&error, CaptureError::Timeout { command, seconds: 0 } if command == "sleep 30"),
