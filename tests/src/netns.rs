@@ -203,8 +203,11 @@ impl Lan {
     /// directory for the test's files and logs. Fails the test without root.
     pub fn new(bridge: Ipv4Addr, prefix_len: u8) -> Self {
         assert!(
-            (8..=30).contains(&prefix_len),
-            "a LAN of /{prefix_len} is not one the harness builds: use /8 to /30"
+            (TEST_RANGE.1..=30).contains(&u32::from(prefix_len)),
+            "a LAN of /{prefix_len} is not one the harness builds: use /15 to /30, \
+             inside {}/{}",
+            TEST_RANGE.0,
+            TEST_RANGE.1
         );
         assert_test_range(bridge);
         let node = Netns::new("node");
@@ -240,9 +243,10 @@ impl Lan {
             self.hosts.iter().all(|h| h.role != role),
             "the LAN has a host {role} already"
         );
+        assert_test_range(addr);
         assert!(
-            self.contains(addr),
-            "{addr} is not on the LAN {}/{}",
+            self.contains(addr) && addr != self.bridge && addr != self.broadcast(),
+            "{addr} is not a host address of the LAN {}/{}",
             self.bridge,
             self.prefix_len
         );
