@@ -85,6 +85,10 @@ impl App {
         };
 
         metrics.authenticator_ready(authenticator.kind());
+        metrics.watching(ReloadSource::Issuer);
+        if let Authenticator::Static(_) = authenticator {
+            metrics.watching(ReloadSource::StaticTokens);
+        }
 
         let grpc = TcpListener::bind(config.grpc_addr)
             .await
@@ -209,6 +213,7 @@ impl App {
         };
         if let (Some((listener, injection)), Some(w)) = (webhook, &config.webhook) {
             metrics.webhook_ready();
+            metrics.watching(ReloadSource::InjectionConfig);
             let injector = Arc::new(Injector::new(
                 injection,
                 config.trust_domain.clone(),

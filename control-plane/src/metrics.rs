@@ -206,6 +206,23 @@ impl Metrics {
         }
     }
 
+    /// Starts the reload counters of a watched file at zero, so its family is
+    /// there (and `increase()` sees the first failure) before any reload.
+    pub fn watching(&self, source: ReloadSource) {
+        for result in Outcome::ALL {
+            self.reloads
+                .with_label_values(&[source.as_str(), result.as_str()]);
+        }
+    }
+
+    /// Starts the publication counters of a configured target at zero.
+    pub fn publishing(&self, target: publish::Target) {
+        for result in Outcome::ALL {
+            self.publications
+                .with_label_values(&[target.as_str(), result.as_str()]);
+        }
+    }
+
     /// Starts the webhook's counters at zero: every result each reason can
     /// be counted under.
     pub fn webhook_ready(&self) {

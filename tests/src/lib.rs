@@ -6,8 +6,10 @@
 //!   directory and token file.
 //! - [`identity_client`]: a tonic client that trusts only the mesh's bundle.
 //! - [`http_get`]: a one-shot HTTP/1.1 GET for admin endpoints.
+//! - [`metric`]: a sample from Prometheus text; an absent family fails.
+//! - [`eventually`], [`eventually_async`]: wait for a condition, with a deadline.
+//! - [`listening_ports`]: where a child started on port 0 listens.
 //! - [`require_tool`], [`require_root`]: fail loudly when a test cannot run.
-//! - [`eventually`]: wait for a condition, with a deadline, instead of sleeping.
 //! - [`netns`]: pods and plain hosts as network namespaces on a bridge, with
 //!   processes as a given user, packet capture and cleanup (root only).
 //! - [`process_ticks`]: a process's CPU time, for the benchmarks.
@@ -20,7 +22,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -192,15 +194,17 @@ impl ControlPlane {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status()?;
         let deadline = std::time::Instant::now() + timeout;
-        loop {
+        for attempt in 0.. {
             if let Some(status) = self.child.try_wait()? {
                 return Ok(status);
             }
-            if std::time::Instant::now() > deadline {
-                bail!("still running {timeout:?} after SIGTERM");
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                break;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(poll_interval(attempt).min(deadline - now));
         }
+        bail!("still running {timeout:?} after SIGTERM")
     }
 }
 
@@ -273,8 +277,21 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     Ok((status, body))
 }
 
-/// The value of the sample `name{labels}` in Prometheus text, 0 when absent.
+/// The sum of the samples `name{labels...}` in Prometheus text: 0 when the
+/// family is there but no series matches (a counter not incremented yet).
+/// Panics when the text has no family `name` at all: a renamed or
+/// unregistered metric must fail the test, not read as zero.
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let family = ["_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|suffix| name.strip_suffix(suffix))
+        .filter(|base| text.contains(&format!("# TYPE {base} histogram")))
+        .unwrap_or(name);
+    assert!(
+        text.lines()
+            .any(|l| l.strip_prefix("# TYPE ").and_then(|t| t.split(' ').next()) == Some(family)),
+        "the metrics have no family {family}"
+    );
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| {
@@ -288,6 +305,97 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// How long to wait between two polls: short at first, then up to 200 ms.
+fn poll_interval(attempt: u32) -> Duration {
+    Duration::from_millis(10u64.saturating_mul(1 << attempt.min(5)).min(200))
+}
+
+/// Polls `condition` until it returns `Some`, and returns that; panics
+/// naming `what` when `timeout` passes first. The one way whole-system
+/// tests wait for something: no fixed sleeps, no hand-written deadlines.
+pub fn eventually<T>(timeout: Duration, what: &str, mut condition: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + timeout;
+    for attempt in 0.. {
+        if let Some(value) = condition() {
+            return value;
+        }
+        let now = std::time::Instant::now();
+        assert!(
+            now < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(poll_interval(attempt).min(deadline - now));
+    }
+    unreachable!("the loop returns or panics")
+}
+
+/// [`eventually`] for async conditions, sleeping on tokio's clock.
+pub async fn eventually_async<T, F>(
+    timeout: Duration,
+    what: &str,
+    mut condition: impl FnMut() -> F,
+) -> T
+where
+    F: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    for attempt in 0.. {
+        if let Some(value) = condition().await {
+            return value;
+        }
+        let now = tokio::time::Instant::now();
+        assert!(
+            now < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(poll_interval(attempt).min(deadline - now)).await;
+    }
+    unreachable!("the loop returns or panics")
+}
+
+/// The TCP ports process `pid` listens on, from `/proc`: how a test learns
+/// where a child it started on port 0 is listening, without binding a port
+/// itself, dropping it and hoping nobody takes it first.
+pub fn listening_ports(pid: u32) -> Result<Vec<u16>> {
+    let mut inodes = std::collections::HashSet::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let Ok(target) = std::fs::read_link(fd?.path()) else {
+            continue;
+        };
+        if let Some(inode) = target
+            .to_str()
+            .and_then(|t| t.strip_prefix("socket:["))
+            .and_then(|t| t.strip_suffix(']'))
+        {
+            inodes.insert(inode.to_owned());
+        }
+    }
+    let mut ports = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}"))?;
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local_address, state 0A = LISTEN, inode.
+            let (Some(local), Some(&"0A"), Some(inode)) =
+                (fields.get(1), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            if inodes.contains(*inode)
+                && let Some(port) = local
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+            {
+                ports.push(port);
+            }
+        }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    Ok(ports)
 }
 
 /// Whether `tool` is on PATH; a test that needs it fails loudly when not.
@@ -319,25 +427,6 @@ pub fn require_root() {
         "this test needs root (CI runs as root): it creates network namespaces, veth \
          pairs and iptables rules inside them; run it as root, e.g. with sudo"
     );
-}
-
-/// Calls `condition` until it returns `Some`, and returns that value; panics
-/// naming `what` when `timeout` has passed without it. Polls with a short
-/// backoff (10 ms, doubling up to 200 ms), and once more at the deadline.
-pub fn eventually<T>(timeout: Duration, what: &str, mut condition: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_millis(10);
-    loop {
-        if let Some(value) = condition() {
-            return value;
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        std::thread::sleep(pause.min(left));
-        pause = (pause * 2).min(Duration::from_millis(200));
-    }
 }
 
 /// utime + stime of a process (all its threads, live and exited), in clock

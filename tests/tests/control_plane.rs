@@ -9,11 +9,11 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use palisade_proto::identity::v1::{CertifyRequest, CertifyResponse};
-use palisade_tests::{ControlPlane, http_get, metric, require_tool};
+use palisade_tests::{ControlPlane, eventually, http_get, metric, require_tool};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose,
     SanType,
@@ -449,17 +449,18 @@ async fn issuer_rotates_under_load_without_a_failed_request() {
         }));
     }
     let wait_for = |what: &str, cond: &dyn Fn(&str) -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let text = cp.metrics().expect("metrics");
-            if cond(&text) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        eventually(Duration::from_secs(20), what, || {
+            cond(&cp.metrics().expect("metrics")).then_some(())
+        })
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Issuance keeps going after each step: at least `n` more certificates.
+    let issues_more = |what: &str, n: u64| {
+        let from = issued.load(Ordering::Relaxed);
+        eventually(Duration::from_secs(20), what, || {
+            (issued.load(Ordering::Relaxed) >= from + n).then_some(())
+        })
+    };
+    issues_more("the workers to get certificates", 20);
 
     // 1. A broken replacement (the key of another CA) is refused; A keeps signing.
     let stranger = ca("stranger", None);
@@ -489,12 +490,7 @@ async fn issuer_rotates_under_load_without_a_failed_request() {
         ) >= 1.0
             && metric(m, "palisade_ca_trust_bundle_roots", &[]) == 2.0
     });
-    let before = issued.load(Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    assert!(
-        issued.load(Ordering::Relaxed) > before,
-        "issuance continues after the switch"
-    );
+    issues_more("issuance to continue after the switch", 20);
 
     // 3. Remove root A.
     secret.publish(
@@ -505,7 +501,9 @@ async fn issuer_rotates_under_load_without_a_failed_request() {
     wait_for("root A to be removed", &|m| {
         metric(m, "palisade_ca_trust_bundle_roots", &[]) == 1.0
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // 40 across 4 sequential workers: every worker's last certificate comes
+    // after the change.
+    issues_more("issuance to continue after root A is gone", 40);
 
     stop.store(true, Ordering::Relaxed);
     let total = issued.load(Ordering::Relaxed);

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use palisade_tests::{ControlPlane, http_get, metric};
+use palisade_tests::{ControlPlane, eventually_async, http_get, metric};
 use support::{Sidecar, echo_app};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -115,6 +115,16 @@ impl Mesh {
         )
     }
 
+    /// When the sidecar's certificate in use expires.
+    fn expiry(&self, s: &Sidecar) -> SystemTime {
+        let secs = metric(
+            &s.metrics(),
+            "palisade_cert_expiration_timestamp_seconds",
+            &[],
+        );
+        SystemTime::UNIX_EPOCH + Duration::from_secs_f64(secs)
+    }
+
     fn failed_handshakes(&self) -> f64 {
         metric(
             &self.a.metrics(),
@@ -128,11 +138,7 @@ impl Mesh {
     }
 
     async fn wait_for(&self, timeout: Duration, what: &str, cond: impl Fn(&Self) -> bool) {
-        let deadline = Instant::now() + timeout;
-        while !cond(self) {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        eventually_async(timeout, what, || async { cond(self).then_some(()) }).await
     }
 }
 
@@ -236,6 +242,15 @@ impl Load {
             }));
         }
         Self { tasks, ..load }
+    }
+
+    /// Waits until `n` more connections have been echoed.
+    async fn more_connections(&self, n: u64, what: &str) {
+        let from = self.connections.load(Ordering::Relaxed);
+        eventually_async(Duration::from_secs(20), what, || async {
+            (self.connections.load(Ordering::Relaxed) >= from + n).then_some(())
+        })
+        .await
     }
 
     async fn finish(self) -> (u64, u64, u64, u64) {
@@ -370,7 +385,8 @@ async fn the_root_rotates_under_traffic_without_a_restart() {
         |m| roots(&m.a) == 1.0 && roots(&m.b) == 1.0,
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    load.more_connections(100, "traffic with root B alone")
+        .await;
 
     let (connections, connection_failures, _, stream_failures) = load.finish().await;
     eprintln!("{connections} connections across the root rotation");
@@ -397,14 +413,16 @@ async fn the_root_rotates_under_traffic_without_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecars_ride_out_a_control_plane_outage_and_fail_closed_past_expiry() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
-    let grpc = format!("127.0.0.1:{port}");
+    let cp = ControlPlane::start(
+        dir.path(),
+        &[(TOKEN_A, A), (TOKEN_B, B)],
+        &["--min-lifetime", "5s"],
+    )
+    .expect("control plane");
+    // The sidecars know the control plane by address: it comes back on the
+    // port it had.
+    let grpc = cp.grpc_addr.to_string();
     let cp_args = ["--min-lifetime", "5s", "--grpc-addr", &grpc];
-    let cp = ControlPlane::start(dir.path(), &[(TOKEN_A, A), (TOKEN_B, B)], &cp_args)
-        .expect("control plane");
     let (ca_dir, tokens) = (cp.ca_dir.clone(), cp.tokens.clone());
     let mut mesh = mesh(dir.path(), cp, "10s", &["--retry-cap", "1s"]).await;
     let ready = |s: &Sidecar| http_get(s.admin, "/ready").expect("ready").0;
@@ -419,11 +437,12 @@ async fn sidecars_ride_out_a_control_plane_outage_and_fail_closed_past_expiry() 
     mesh.cp
         .terminate(Duration::from_secs(10))
         .expect("control plane stops");
-    tokio::time::sleep(Duration::from_millis(6500)).await;
-    assert!(
-        mesh.renewal_failures(&mesh.a) >= 1.0 && mesh.renewal_failures(&mesh.b) >= 1.0,
-        "renewals failed and were counted"
-    );
+    mesh.wait_for(
+        Duration::from_secs(15),
+        "renewals to fail, and be counted, while the control plane is away",
+        |m| m.renewal_failures(&m.a) >= 1.0 && m.renewal_failures(&m.b) >= 1.0,
+    )
+    .await;
     assert_eq!(
         (ready(&mesh.a), ready(&mesh.b)),
         (200, 200),
@@ -454,14 +473,17 @@ async fn sidecars_ride_out_a_control_plane_outage_and_fail_closed_past_expiry() 
     mesh.cp
         .terminate(Duration::from_secs(10))
         .expect("control plane stops");
-    let expired_at = SystemTime::now() + Duration::from_secs(11);
-    while SystemTime::now() < expired_at {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert_eq!(
-        (ready(&mesh.a), ready(&mesh.b)),
-        (503, 503),
-        "not ready on expired certificates"
+    let stopped = SystemTime::now();
+    mesh.wait_for(
+        Duration::from_secs(20),
+        "both sidecars to turn unready on expired certificates",
+        |m| ready(&m.a) == 503 && ready(&m.b) == 503,
+    )
+    .await;
+    assert!(
+        mesh.expiry(&mesh.a) <= SystemTime::now() && mesh.expiry(&mesh.b) <= SystemTime::now(),
+        "unready only once the certificates expired ({:?} after the stop)",
+        stopped.elapsed().unwrap_or_default()
     );
     let mut c = TcpStream::connect(mesh.a.outbound[0])
         .await

@@ -14,10 +14,12 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use palisade_tests::{ControlPlane, http_get, require_tool};
+use palisade_tests::{
+    ControlPlane, eventually, eventually_async, http_get, listening_ports, require_tool,
+};
 use serde_json::Value;
 use support::{Sidecar, echo_app};
 use tokio::{
@@ -59,11 +61,6 @@ impl Prometheus {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let log = std::fs::File::create(dir.join("prometheus.log")).expect("log file");
         let child = Command::new("prometheus")
             .arg(format!("--config.file={}", file.display()))
@@ -71,23 +68,27 @@ impl Prometheus {
                 "--storage.tsdb.path={}",
                 dir.join("tsdb").display()
             ))
-            .arg(format!("--web.listen-address={addr}"))
+            .arg("--web.listen-address=127.0.0.1:0")
             .arg("--web.enable-lifecycle")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("prometheus starts");
-        let prometheus = Self { child, addr };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !matches!(http_get(addr, "/-/ready"), Ok((200, _))) {
-            assert!(
-                Instant::now() < deadline,
-                "prometheus did not become ready:\n{}",
-                std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let pid = child.id();
+        let mut prometheus = Self {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        };
+        let what = format!(
+            "prometheus to listen and turn ready; its log:\n{}",
+            dir.join("prometheus.log").display()
+        );
+        prometheus.addr = eventually(Duration::from_secs(30), &what, || {
+            let port = *listening_ports(pid).ok()?.first()?;
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            matches!(http_get(addr, "/-/ready"), Ok((200, _))).then_some(addr)
+        });
         prometheus
     }
 
@@ -130,18 +131,12 @@ impl Prometheus {
 
     /// Waits until `expr`'s single value equals `want`.
     async fn wait_for_value(&self, expr: &str, want: f64) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
+        let what = format!("{expr} to equal {want} in Prometheus");
+        eventually_async(Duration::from_secs(20), &what, || async {
             let got = self.query(expr);
-            if got.len() == 1 && got[0].1 == want {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{expr}: wanted {want}, Prometheus says {got:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+            (got.len() == 1 && got[0].1 == want).then_some(())
+        })
+        .await;
     }
 }
 
@@ -296,14 +291,12 @@ async fn prometheus_sees_what_the_mesh_did() {
     )
     .await;
     for s in [&web, &api] {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !matches!(http_get(s.admin, "/ready"), Ok((200, _))) {
-            assert!(
-                Instant::now() < deadline,
-                "a sidecar never got its certificate"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        eventually_async(
+            Duration::from_secs(15),
+            "a sidecar to get its certificate",
+            || async { matches!(http_get(s.admin, "/ready"), Ok((200, _))).then_some(()) },
+        )
+        .await;
     }
 
     // Every metric of the design is there with HELP and TYPE from the start
@@ -470,26 +463,26 @@ scrape_configs:
     }
 
     // The shipped rules loaded and evaluate without error.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let data = prometheus.api("/api/v1/rules", &[]).expect("rules");
-        let rules: Vec<&Value> = data["groups"]
-            .as_array()
-            .expect("groups")
-            .iter()
-            .flat_map(|g| g["rules"].as_array().into_iter().flatten())
-            .collect();
-        assert!(!rules.is_empty(), "no rules loaded: {data}");
-        let bad: Vec<_> = rules.iter().filter(|r| r["health"] != "ok").collect();
-        if bad.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "rules not healthy after 20 s: {bad:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    eventually_async(
+        Duration::from_secs(20),
+        "every rule to evaluate healthy",
+        || async {
+            let data = prometheus.api("/api/v1/rules", &[]).expect("rules");
+            let rules: Vec<&Value> = data["groups"]
+                .as_array()
+                .expect("groups")
+                .iter()
+                .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+                .collect();
+            assert!(!rules.is_empty(), "no rules loaded: {data}");
+            let bad: Vec<_> = rules.iter().filter(|r| r["health"] != "ok").collect();
+            if !bad.is_empty() {
+                eprintln!("rules not healthy yet: {bad:?}");
+            }
+            bad.is_empty().then_some(())
+        },
+    )
+    .await;
     // A healthy mesh fires nothing.
     let firing = prometheus.query(r#"ALERTS{alertstate="firing"}"#);
     assert!(

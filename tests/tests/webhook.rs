@@ -8,15 +8,16 @@
 //! produce the expected iptables rules.
 
 use std::{
-    net::{SocketAddr, TcpListener},
+    io::{BufRead, BufReader},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
 use base64::Engine;
-use palisade_tests::{ControlPlane, bin, http_get, metric, require_tool};
+use palisade_tests::{ControlPlane, bin, eventually, http_get, metric, require_tool};
 use serde_json::Value;
 
 const INJECTION_CONFIG: &str = r#"
@@ -178,13 +179,6 @@ fn env_of(container: &Value) -> Vec<(String, String)> {
             (name, e["value"].as_str().expect("value").to_owned())
         })
         .collect()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 #[test]
@@ -382,7 +376,6 @@ fn admission_reviews_get_the_expected_answers_and_schema_valid_pods() -> Result<
 fn run_injected_sidecar(cp: &ControlPlane, dir: &Path, env: Vec<(String, String)>) -> Result<()> {
     let token = dir.join("token");
     std::fs::write(&token, "tok-web-0123456789abcdef")?;
-    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let local = |k: &str, v: String| -> String {
         match k {
             "PALISADE_TOKEN_FILE" => token.display().to_string(),
@@ -399,35 +392,43 @@ fn run_injected_sidecar(cp: &ControlPlane, dir: &Path, env: Vec<(String, String)
             let v = local(&k, v);
             (k, v)
         }))
-        .env("PALISADE_ADMIN_ADDR", admin.to_string())
-        .env(
-            "PALISADE_OUTBOUND_ADDR",
-            format!("127.0.0.1:{}", free_port()),
-        )
-        .env(
-            "PALISADE_INBOUND_ADDR",
-            format!("127.0.0.1:{}", free_port()),
-        )
+        // Port 0 everywhere; the sidecar says where it listens.
+        .env("PALISADE_ADMIN_ADDR", "127.0.0.1:0")
+        .env("PALISADE_OUTBOUND_ADDR", "127.0.0.1:0")
+        .env("PALISADE_INBOUND_ADDR", "127.0.0.1:0")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()
         .context("starting palisade-sidecar")?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let result = loop {
-        match http_get(admin, "/ready") {
-            Ok((200, _)) => break Ok(()),
-            _ if Instant::now() > deadline => {
-                break Err(anyhow::anyhow!("the injected sidecar never became ready"));
+    let stderr = child.stderr.take().context("stderr is piped")?;
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[sidecar] {line}");
+            if tx.send(line).is_err() {
+                break;
             }
-            _ => std::thread::sleep(Duration::from_millis(100)),
         }
-    };
-    let metrics = http_get(admin, "/metrics").map(|(_, body)| body);
+    });
+    let result = (|| -> Result<String> {
+        // The webhook turns JSON logs on; the "serving" line names the admin address.
+        let admin: SocketAddr = eventually(Duration::from_secs(20), "the sidecar to serve", || {
+            std::iter::from_fn(|| lines.try_recv().ok()).find_map(|line| {
+                let line: Value = serde_json::from_str(&line).ok()?;
+                (line["message"] == "serving").then(|| line["admin"].as_str()?.parse().ok())?
+            })
+        });
+        eventually(
+            Duration::from_secs(20),
+            "the injected sidecar to turn ready",
+            || matches!(http_get(admin, "/ready"), Ok((200, _))).then_some(()),
+        );
+        Ok(http_get(admin, "/metrics")?.1)
+    })();
     let _ = child.kill();
     let _ = child.wait();
-    result?;
-    let metrics = metrics?;
+    let metrics = result?;
     let expiry = metric(
         &metrics,
         "palisade_cert_expiration_timestamp_seconds",

@@ -171,11 +171,14 @@ pub fn decide(
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
         .unwrap_or("default");
-    let identity = format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
-        .parse::<SpiffeId>()
-        .map_err(|_| PodError::BadIdentity {
-            namespace: shorten(namespace),
-            service_account: shorten(service_account),
+    // The same derivation the authenticator applies to the pod's token: the
+    // identity injected is the identity the control plane will sign.
+    let identity =
+        SpiffeId::from_kubernetes(trust_domain, namespace, service_account).map_err(|_| {
+            PodError::BadIdentity {
+                namespace: shorten(namespace),
+                service_account: shorten(service_account),
+            }
         })?;
 
     let volumes = array_at(pod, "/spec/volumes", "spec.volumes")?;

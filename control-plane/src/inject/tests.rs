@@ -429,3 +429,18 @@ fn review_labels_are_the_documented_spellings_and_start_at_zero() {
         "one series per (result, reason) pair that can occur"
     );
 }
+
+#[test]
+fn a_service_account_that_is_not_one_segment_forges_no_identity() {
+    // `sa/x` after `.../sa/` would name another workload's path; the
+    // injector derives identities like the authenticator and refuses it.
+    let (injector, registry) = injector();
+    for account in ["web/ns/kube-system/sa/admin", "..", "a b"] {
+        let mut spec = web_spec();
+        spec["serviceAccountName"] = json!(account);
+        let (_, body, _) = run(&injector, &pod(Value::Null, spec));
+        assert_eq!(body["response"]["allowed"], false, "{account}: {body}");
+        assert!(body["response"]["patch"].is_null(), "{account}");
+    }
+    assert_eq!(count(&registry, "denied", "bad_identity"), 3);
+}

@@ -131,6 +131,12 @@ impl std::fmt::Debug for BundlePublisher {
 impl BundlePublisher {
     /// A publisher talking to the API server through `client`.
     pub fn new(config: PublishConfig, client: Client, ca: Arc<CaStore>, metrics: Metrics) -> Self {
+        if config.webhook_configuration.is_some() {
+            metrics.publishing(Target::WebhookCaBundle);
+        }
+        if config.bundle_configmap.is_some() {
+            metrics.publishing(Target::Configmap);
+        }
         Self {
             config,
             client,
