@@ -10,6 +10,8 @@
 //! - [`eventually`], [`eventually_async`]: wait for a condition, with a deadline.
 //! - [`listening_ports`]: where a child started on port 0 listens.
 //! - [`require_tool`], [`require_root`]: fail loudly when a test cannot run.
+//! - [`netns`]: pods and plain hosts as network namespaces on a bridge, with
+//!   processes as a given user, packet capture and cleanup (root only).
 //! - [`process_ticks`]: a process's CPU time, for the benchmarks.
 
 #![forbid(unsafe_code)]
@@ -26,6 +28,8 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use palisade_proto::identity::v1::identity_client::IdentityClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+pub mod netns;
 
 /// Path of a workspace binary, next to the test executable's `deps/` folder.
 /// The test command builds them first (`cargo build --workspace --bins`).
@@ -446,4 +450,43 @@ pub fn process_ticks(pid: &str) -> Result<u64> {
             .with_context(|| format!("{path}: field {} is not a number", i + 3))
     };
     Ok(field(11)? + field(12)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    #[test]
+    fn eventually_returns_the_value_once_the_condition_holds() {
+        let mut calls = 0;
+        let value = eventually(Duration::from_secs(5), "the third call", || {
+            calls += 1;
+            (calls == 3).then_some(calls * 10)
+        });
+        assert_eq!(value, 30);
+    }
+
+    #[test]
+    fn eventually_names_what_it_waited_for_after_the_timeout() {
+        let started = Instant::now();
+        let failure = std::panic::catch_unwind(|| {
+            eventually(
+                Duration::from_millis(200),
+                "a condition that never holds",
+                || None::<()>,
+            )
+        })
+        .expect_err("the condition never holds");
+        let waited = started.elapsed();
+        let message = failure
+            .downcast_ref::<String>()
+            .expect("a formatted panic message");
+        assert_eq!(
+            message,
+            "timed out after 200ms waiting for a condition that never holds"
+        );
+        assert!(waited >= Duration::from_millis(200) && waited < Duration::from_secs(2));
+    }
 }
