@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 
-use crate::process::{Output, Proc};
+use crate::process::{Group, Output, Proc};
 
 /// How long the control plane gets to print its `serving` line.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -93,6 +93,9 @@ impl ControlPlane {
             "the control plane",
             command,
             Output::Log(log.to_owned()),
+            // As before the move: a Ctrl-C reaches it, and so does whatever
+            // stops the group of the benchmark that started it.
+            Group::Ours,
             STOP_TIMEOUT,
         )?;
         let grpc = proc.wait_ready(

@@ -1,8 +1,7 @@
 //! The processes a benchmark starts (proxies, sidecars, a control plane, the
-//! issuance benchmark): each in a process group of its own, so that its CPU
-//! time and memory can be read apart and the whole group stopped (SIGTERM,
-//! then SIGKILL); waiting until one is ready; finding the binaries next to
-//! this one.
+//! issuance benchmark): their output, their process group, stopping them
+//! (SIGTERM, then SIGKILL), waiting until one is ready, reading their CPU time
+//! and memory; finding the binaries next to this one.
 
 use std::{
     fs,
@@ -35,12 +34,25 @@ pub enum Output {
     Inherit,
 }
 
-/// A started process, in a process group of its own; the group is stopped
-/// (SIGTERM, then SIGKILL) on drop.
+/// Which process group a started process runs in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Group {
+    /// A new one, the process its leader: stopping it stops whatever the
+    /// process started too (an nginx worker outlives its master), and the
+    /// watchdog can list it.
+    Own,
+    /// This process's: a signal from the terminal reaches it as well, and
+    /// whatever stops this process's group stops it.
+    Ours,
+}
+
+/// A started process; stopped (SIGTERM, then SIGKILL) on drop, with its
+/// whole process group when it has its own.
 #[derive(Debug)]
 pub struct Proc {
     child: Child,
     name: String,
+    group: Group,
     log: Option<PathBuf>,
     /// After SIGTERM, how long the process gets before SIGKILL.
     stop_timeout: Duration,
@@ -53,11 +65,12 @@ pub struct Proc {
 // === impl Proc ===
 
 impl Proc {
-    /// Starts `command` as `name` in a new process group, stdin closed.
+    /// Starts `command` as `name`, stdin closed.
     pub fn spawn(
         name: &str,
         mut command: Command,
         output: Output,
+        group: Group,
         stop_timeout: Duration,
     ) -> Result<Self> {
         let program = PathBuf::from(command.get_program());
@@ -73,14 +86,17 @@ impl Proc {
                 None
             }
         };
+        if group == Group::Own {
+            command.process_group(0);
+        }
         let child = command
             .stdin(Stdio::null())
-            .process_group(0)
             .spawn()
             .with_context(|| format!("starting {}", program.display()))?;
         Ok(Self {
             child,
             name: name.to_owned(),
+            group,
             log,
             stop_timeout,
             stopped: None,
@@ -88,8 +104,9 @@ impl Proc {
         })
     }
 
-    /// Lists the process group for the watchdog until the process is stopped.
+    /// Lists its own process group for the watchdog until it is stopped.
     pub fn watched_by(mut self, groups: &Arc<Groups>) -> Self {
+        debug_assert_eq!(self.group, Group::Own, "only a group of its own is listed");
         groups.add(self.pid());
         self.groups = Some(groups.clone());
         self
@@ -100,7 +117,7 @@ impl Proc {
         &self.name
     }
 
-    /// Its pid, also its process group id.
+    /// Its pid (with [`Group::Own`], also its process group id).
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -226,20 +243,25 @@ impl Proc {
         Ok(status)
     }
 
-    /// SIGTERM to the group unless the process has exited, up to
-    /// `stop_timeout` for it to exit, then SIGKILL to whatever is left of the
-    /// group; the exit status and whether it took SIGKILL.
+    /// SIGTERM unless the process has exited, up to `stop_timeout` for it to
+    /// exit, then SIGKILL (to whatever is left of its own group, or to the
+    /// process if it still runs); the exit status and whether it took SIGKILL.
     fn shut_down(&mut self) -> Result<(ExitStatus, bool)> {
-        use rustix::process::{Pid, Signal, kill_process_group};
+        use rustix::process::{Pid, Signal, kill_process, kill_process_group};
         if let Some(status) = self.stopped {
             return Ok((status, false));
         }
-        let pgid = i32::try_from(self.pid())
+        let pid = i32::try_from(self.pid())
             .ok()
             .and_then(Pid::from_raw)
-            .context("the pid is not a process group id")?;
+            .context("the pid does not fit a pid_t")?;
+        let group = self.group;
+        let signal = |signal| match group {
+            Group::Own => kill_process_group(pid, signal),
+            Group::Ours => kill_process(pid, signal),
+        };
         if !matches!(self.child.try_wait(), Ok(Some(_))) {
-            let _ = kill_process_group(pgid, Signal::TERM);
+            let _ = signal(Signal::TERM);
         }
         let deadline = Instant::now() + self.stop_timeout;
         let mut status = None;
@@ -253,7 +275,11 @@ impl Proc {
             }
         }
         let killed = status.is_none();
-        let _ = kill_process_group(pgid, Signal::KILL);
+        // Not to a lone process that has exited and been reaped: its pid may
+        // be another process's by now.
+        if group == Group::Own || killed {
+            let _ = signal(Signal::KILL);
+        }
         let status = match status {
             Some(s) => s,
             None => self

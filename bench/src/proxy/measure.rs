@@ -222,19 +222,14 @@ pub async fn memory(
     round: usize,
 ) -> Figures {
     let mut f = Figures::new();
-    let pair = match Pair::start(ctx, sys, backend.addr) {
-        Ok(p) => p,
-        Err(e) => {
-            note(
-                notes,
-                format!("round {round}, {} memory: {e:#}", sys.label()),
-            );
-            return f;
-        }
+    let started = async {
+        let pair = Pair::start(ctx, sys, backend.addr)?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let idle = pair.rss()?;
+        Ok::<_, anyhow::Error>((pair, idle))
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let idle = match pair.rss() {
-        Ok(r) => r,
+    let (pair, idle) = match started.await {
+        Ok(started) => started,
         Err(e) => {
             note(
                 notes,

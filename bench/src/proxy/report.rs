@@ -29,6 +29,46 @@ pub struct Report<'a> {
     pub started_at: SystemTime,
 }
 
+/// A goal judged against the best peer's median of the same figure.
+#[derive(Debug)]
+struct PeerGoal {
+    name: &'static str,
+    target: &'static str,
+    key: &'static str,
+    better: Better,
+    decimals: usize,
+    /// Whether the ratio to the best peer meets the goal.
+    met: fn(f64) -> bool,
+}
+
+/// The goals against the best peer, in the report's order.
+const PEER_GOALS: [PeerGoal; 3] = [
+    PeerGoal {
+        name: "bulk throughput",
+        target: "≥ 1.2 × best peer",
+        key: "gbps",
+        better: Better::Higher,
+        decimals: 2,
+        met: |r| r >= 1.2,
+    },
+    PeerGoal {
+        name: "CPU-s per GB",
+        target: "lower than every peer",
+        key: "cpu_s_per_gb",
+        better: Better::Lower,
+        decimals: 2,
+        met: |r| r < 1.0,
+    },
+    PeerGoal {
+        name: "new connections/s",
+        target: "≥ 2 × best peer",
+        key: "conn_per_s",
+        better: Better::Higher,
+        decimals: 0,
+        met: |r| r >= 2.0,
+    },
+];
+
 /// A goal's row.
 #[derive(Debug)]
 struct Goal {
@@ -99,6 +139,7 @@ impl Report<'_> {
             .map(|(p, v)| (p.label().to_owned(), v))
     }
 
+    /// Palisade's goals, for each Palisade system that ran.
     fn goals(&self) -> Vec<Goal> {
         let mut goals = Vec::new();
         let palisades: Vec<System> = [System::Palisade, System::PalisadePq]
@@ -108,110 +149,60 @@ impl Report<'_> {
         let p99 = self.latency_key("p99");
         for &sys in &palisades {
             let hybrid = sys == System::PalisadePq;
-            let ratio = |v: Option<f64>, r: &Option<(String, f64)>| stats::ratio(v?, r.as_ref()?.1);
-            // throughput
-            let value = self.med(sys, "gbps");
-            let reference = self.best_peer("gbps", Better::Higher);
-            let r = ratio(value, &reference);
-            goals.push(Goal {
-                goal: "bulk throughput",
-                target: "≥ 1.2 × best peer".into(),
-                system: sys,
-                value,
-                ratio: r,
-                met: r.map(|r| r >= 1.2),
-                reference,
-                decimals: 2,
-            });
-            // CPU per GB
-            let value = self.med(sys, "cpu_s_per_gb");
-            let reference = self.best_peer("cpu_s_per_gb", Better::Lower);
-            let r = ratio(value, &reference);
-            goals.push(Goal {
-                goal: "CPU-s per GB",
-                target: "lower than every peer".into(),
-                system: sys,
-                value,
-                ratio: r,
-                met: r.map(|r| r < 1.0),
-                reference,
-                decimals: 2,
-            });
-            // connection rate
-            let value = self.med(sys, "conn_per_s");
-            let reference = self.best_peer("conn_per_s", Better::Higher);
-            let r = ratio(value, &reference);
-            goals.push(Goal {
-                goal: "new connections/s",
-                target: "≥ 2 × best peer".into(),
-                system: sys,
-                value,
-                ratio: r,
-                met: r.map(|r| r >= 2.0),
-                reference,
-                decimals: 0,
-            });
+            let goal = |goal, target: &str, value: Option<f64>, reference, decimals| {
+                Goal::new(goal, target, sys, value, reference, decimals)
+            };
+            for g in PEER_GOALS {
+                let best = self.best_peer(g.key, g.better);
+                let value = self.med(sys, g.key);
+                goals.push(goal(g.name, g.target, value, best, g.decimals).met_if(g.met));
+            }
             // CPU per connection against the crypto
-            let value = self.med(sys, "cpu_us_per_conn");
-            let reference = self
+            let crypto = self
                 .crypto(hybrid)
                 .map(|c| ("crypto of one mutual handshake".to_owned(), c));
-            let r = ratio(value, &reference);
-            goals.push(Goal {
-                goal: "CPU-µs per connection",
-                target: "≤ 1.5 × crypto cost".into(),
-                system: sys,
-                value,
-                ratio: r,
-                met: r.map(|r| r <= 1.5),
-                reference,
-                decimals: 0,
-            });
-            // latency
-            let value = self.med(sys, &p99);
-            let reference = self.best_peer(&p99, Better::Lower);
-            let r = ratio(value, &reference);
-            goals.push(Goal {
-                goal: if p99.starts_with("added") {
+            goals.push(
+                goal(
+                    "CPU-µs per connection",
+                    "≤ 1.5 × crypto cost",
+                    self.med(sys, "cpu_us_per_conn"),
+                    crypto,
+                    0,
+                )
+                .met_if(|r| r <= 1.5),
+            );
+            // Latency: compared as values, since added latency can be 0 or below.
+            let mut latency = goal(
+                if p99.starts_with("added") {
                     "added p99 latency µs"
                 } else {
                     "p99 latency µs (no direct path)"
                 },
-                target: "≤ best peer".into(),
-                system: sys,
-                met: match (value, &reference) {
-                    (Some(v), Some((_, r))) => Some(v <= *r),
-                    _ => None,
-                },
-                value,
-                ratio: r,
-                reference,
-                decimals: 1,
-            });
+                "≤ best peer",
+                self.med(sys, &p99),
+                self.best_peer(&p99, Better::Lower),
+                1,
+            );
+            latency.met = match (latency.value, &latency.reference) {
+                (Some(v), Some((_, r))) => Some(v <= *r),
+                _ => None,
+            };
+            goals.push(latency);
             // memory per idle connection
             for step in self.steps() {
                 let key = format!("kib_per_conn_{step}");
-                let value = self.med(sys, &key);
-                let reference = self
+                let haproxy = self
                     .med(System::Haproxy, &key)
                     .map(|v| (System::Haproxy.label().to_owned(), v));
-                let r = ratio(value, &reference);
-                goals.push(Goal {
-                    goal: if step == 1000 {
-                        "KiB per idle connection @1k"
-                    } else if step == 10_000 {
-                        "KiB per idle connection @10k"
-                    } else {
-                        "KiB per idle connection"
-                    },
-                    target: "≤ 0.5 × haproxy".into(),
-                    system: sys,
-                    value,
-                    ratio: r,
-                    met: r.map(|r| r <= 0.5),
-                    reference,
-                    decimals: 1,
-                });
+                let name = match step {
+                    1000 => "KiB per idle connection @1k",
+                    10_000 => "KiB per idle connection @10k",
+                    _ => "KiB per idle connection",
+                };
+                goals.push(
+                    goal(name, "≤ 0.5 × haproxy", self.med(sys, &key), haproxy, 1)
+                        .met_if(|r| r <= 0.5),
+                );
             }
             // idle RSS
             if !self.s.args.skip_memory {
@@ -222,18 +213,16 @@ impl Report<'_> {
                     (Some(a), Some(b)) => Some(a.max(b)),
                     _ => None,
                 };
-                let reference = Some(("10 MiB".to_owned(), 10_240.0));
-                let r = ratio(value, &reference);
-                goals.push(Goal {
-                    goal: "idle sidecar RSS KiB (larger of the two)",
-                    target: "≤ 10 MiB".into(),
-                    system: sys,
-                    value,
-                    ratio: r,
-                    met: r.map(|r| r <= 1.0),
-                    reference,
-                    decimals: 0,
-                });
+                goals.push(
+                    goal(
+                        "idle sidecar RSS KiB (larger of the two)",
+                        "≤ 10 MiB",
+                        value,
+                        Some(("10 MiB".to_owned(), 10_240.0)),
+                        0,
+                    )
+                    .met_if(|r| r <= 1.0),
+                );
             }
         }
         goals
@@ -619,6 +608,40 @@ impl Report<'_> {
             "issuance": self.results.issuance,
             "notes": self.results.notes,
         })
+    }
+}
+
+// === impl Goal ===
+
+impl Goal {
+    /// A goal row with its ratio to the reference; not judged yet.
+    fn new(
+        goal: &'static str,
+        target: &str,
+        system: System,
+        value: Option<f64>,
+        reference: Option<(String, f64)>,
+        decimals: usize,
+    ) -> Self {
+        let ratio = value
+            .zip(reference.as_ref())
+            .and_then(|(v, (_, r))| stats::ratio(v, *r));
+        Self {
+            goal,
+            target: target.to_owned(),
+            system,
+            value,
+            reference,
+            ratio,
+            met: None,
+            decimals,
+        }
+    }
+
+    /// Judged on the ratio: met when `test` holds for it.
+    fn met_if(mut self, test: fn(f64) -> bool) -> Self {
+        self.met = self.ratio.map(test);
+        self
     }
 }
 

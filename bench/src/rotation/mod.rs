@@ -31,7 +31,7 @@ use crate::{
     control_plane::{self, ControlPlane},
     harness,
     load::{Backend, ClosedLoop},
-    process::{Output, Proc, find_binary, free_port, procfs},
+    process::{Group, Output, Proc, find_binary, free_port, procfs},
     stats,
 };
 
@@ -256,7 +256,13 @@ impl SidecarSetup<'_> {
                 explicit,
                 &format!("{listen}={target}"),
             ]);
-        let proc = Proc::spawn(identity, command, Output::Inherit, STOP_TIMEOUT)?;
+        let proc = Proc::spawn(
+            identity,
+            command,
+            Output::Inherit,
+            Group::Ours,
+            STOP_TIMEOUT,
+        )?;
         proc.wait_ready(READY_TIMEOUT, "(/ready did not answer 200)", || {
             Ok(matches!(http_get(admin, "/ready"), Ok((200, _))).then_some(()))
         })?;

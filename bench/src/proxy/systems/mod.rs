@@ -27,7 +27,7 @@ use palisade_tests::http_get;
 use super::{config::Settings, note};
 use crate::{
     certs::CertFiles,
-    process::{Groups, Output, Proc, free_port, procfs},
+    process::{Group, Groups, Output, Proc, free_port, procfs},
 };
 
 mod haproxy;
@@ -219,7 +219,8 @@ impl Ctx {
         let mut command = Command::new(program);
         command.args(args).current_dir(&self.dir);
         let log = self.dir.join(format!("{name}.log"));
-        Ok(Proc::spawn(name, command, Output::Log(log), STOP_TIMEOUT)?.watched_by(&self.groups))
+        let proc = Proc::spawn(name, command, Output::Log(log), Group::Own, STOP_TIMEOUT)?;
+        Ok(proc.watched_by(&self.groups))
     }
 }
 
@@ -386,6 +387,12 @@ mod tests {
         }
     }
 
+    fn assert_has(what: &str, config: &str, wanted: &[&str]) {
+        for want in wanted {
+            assert!(config.contains(want), "{what} lacks {want:?}:\n{config}");
+        }
+    }
+
     #[test]
     fn every_peer_side_is_tls13_aes128gcm_x25519_without_resumption() {
         let dir = tempfile::tempdir().expect("a temp dir");
@@ -395,46 +402,55 @@ mod tests {
             "127.0.0.1:2".parse().expect("an address"),
         );
         for side in [Side::Client, Side::Server] {
-            let h = haproxy::config(&ctx.certs, side, a, b, ctx.haproxy_maxconn());
-            for want in [
-                "ssl-min-ver TLSv1.3 ssl-max-ver TLSv1.3",
-                "ciphersuites TLS_AES_128_GCM_SHA256",
-                "no-tls-tickets",
-                "tune.ssl.cachesize 0",
-                "verify required",
-            ] {
-                assert!(h.contains(want), "haproxy {side:?} lacks {want:?}:\n{h}");
-            }
-            let n = nginx::config(&ctx, side, a, b, dir.path());
-            for want in ["TLSv1.3;", "TLS_AES_128_GCM_SHA256;", "X25519;"] {
-                assert!(n.contains(want), "nginx {side:?} lacks {want:?}:\n{n}");
-            }
-            let s = stunnel::config(&ctx.certs, side, a, b, dir.path());
-            for want in [
-                "sslVersion = TLSv1.3",
-                "ciphersuites = TLS_AES_128_GCM_SHA256",
-                "curves = X25519",
-                "options = NO_TICKET",
-                "sessionResume = no",
-                "verifyChain = yes",
-            ] {
-                assert!(s.contains(want), "stunnel {side:?} lacks {want:?}:\n{s}");
-            }
+            assert_has(
+                &format!("haproxy {side:?}"),
+                &haproxy::config(&ctx.certs, side, a, b, ctx.haproxy_maxconn()),
+                &[
+                    "ssl-min-ver TLSv1.3 ssl-max-ver TLSv1.3",
+                    "ciphersuites TLS_AES_128_GCM_SHA256",
+                    "no-tls-tickets",
+                    "tune.ssl.cachesize 0",
+                    "verify required",
+                ],
+            );
+            assert_has(
+                &format!("nginx {side:?}"),
+                &nginx::config(&ctx, side, a, b, dir.path()),
+                &["TLSv1.3;", "TLS_AES_128_GCM_SHA256;", "X25519;"],
+            );
+            assert_has(
+                &format!("stunnel {side:?}"),
+                &stunnel::config(&ctx.certs, side, a, b, dir.path()),
+                &[
+                    "sslVersion = TLSv1.3",
+                    "ciphersuites = TLS_AES_128_GCM_SHA256",
+                    "curves = X25519",
+                    "options = NO_TICKET",
+                    "sessionResume = no",
+                    "verifyChain = yes",
+                ],
+            );
         }
-        let server = nginx::config(&ctx, Side::Server, a, b, dir.path());
-        for want in [
-            "ssl_verify_client on;",
-            "ssl_session_cache off;",
-            "ssl_session_tickets off;",
-            "NumTickets 0;",
-        ] {
-            assert!(server.contains(want), "nginx server lacks {want:?}");
-        }
-        let client = nginx::config(&ctx, Side::Client, a, b, dir.path());
-        assert!(client.contains("proxy_ssl_session_reuse off;"));
-        assert!(client.contains("proxy_ssl_verify on;"));
-        let server = stunnel::config(&ctx.certs, Side::Server, a, b, dir.path());
-        assert!(server.contains("requireCert = yes"));
+        assert_has(
+            "nginx server",
+            &nginx::config(&ctx, Side::Server, a, b, dir.path()),
+            &[
+                "ssl_verify_client on;",
+                "ssl_session_cache off;",
+                "ssl_session_tickets off;",
+                "NumTickets 0;",
+            ],
+        );
+        assert_has(
+            "nginx client",
+            &nginx::config(&ctx, Side::Client, a, b, dir.path()),
+            &["proxy_ssl_session_reuse off;", "proxy_ssl_verify on;"],
+        );
+        assert_has(
+            "stunnel server",
+            &stunnel::config(&ctx.certs, Side::Server, a, b, dir.path()),
+            &["requireCert = yes"],
+        );
     }
 
     #[test]
