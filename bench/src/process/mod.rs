@@ -303,7 +303,8 @@ impl Drop for Proc {
     }
 }
 
-/// A binary the benchmark starts: `given` (a flag's value), or `name` next to
+/// A binary the benchmark starts, as an absolute path (the proxies run in the
+/// run's temporary directory): `given` (a flag's value), or `name` next to
 /// this executable; the error says how to build it.
 pub fn find_binary(
     given: Option<&Path>,
@@ -312,7 +313,7 @@ pub fn find_binary(
     flag: Option<&str>,
 ) -> Result<PathBuf> {
     let path = match given {
-        Some(p) => p.to_owned(),
+        Some(p) => std::path::absolute(p).with_context(|| format!("finding {}", p.display()))?,
         None => sibling(name)?,
     };
     ensure!(
