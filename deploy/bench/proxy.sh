@@ -59,7 +59,7 @@ fi
 
 target=${CARGO_TARGET_DIR:-$root/target}
 if [ "${PALISADE_BENCH_NO_BUILD:-0}" != 1 ]; then
-    cargo build --release -p palisade-sidecar -p palisade-control-plane -p palisade-tests
+    cargo build --release -p palisade-sidecar -p palisade-control-plane -p palisade-bench
 fi
 
 # As many open files as allowed: raise the hard limit if we may (root with

@@ -12,7 +12,6 @@
 //! - [`require_tool`], [`require_root`]: fail loudly when a test cannot run.
 //! - [`netns`]: pods and plain hosts as network namespaces on a bridge, with
 //!   processes as a given user, packet capture and cleanup (root only).
-//! - [`process_ticks`]: a process's CPU time, for the benchmarks.
 
 #![forbid(unsafe_code)]
 
@@ -427,29 +426,6 @@ pub fn require_root() {
         "this test needs root (CI runs as root): it creates network namespaces, veth \
          pairs and iptables rules inside them; run it as root, e.g. with sudo"
     );
-}
-
-/// utime + stime of a process (all its threads, live and exited), in clock
-/// ticks; `pid` is a number or `self`.
-pub fn process_ticks(pid: &str) -> Result<u64> {
-    let path = format!("/proc/{pid}/stat");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    // The command name may hold spaces and parentheses; the fields follow the last `)`.
-    let fields: Vec<&str> = text
-        .rsplit_once(')')
-        .with_context(|| format!("{path} has no `(comm)` field"))?
-        .1
-        .split_whitespace()
-        .collect();
-    // Fields 14 and 15 of proc(5); `fields[0]` is field 3 (state).
-    let field = |i: usize| -> Result<u64> {
-        fields
-            .get(i)
-            .with_context(|| format!("{path} is too short"))?
-            .parse()
-            .with_context(|| format!("{path}: field {} is not a number", i + 3))
-    };
-    Ok(field(11)? + field(12)?)
 }
 
 #[cfg(test)]
