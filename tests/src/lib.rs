@@ -8,6 +8,8 @@
 //! - [`http_get`]: a one-shot HTTP/1.1 GET for admin endpoints.
 //! - [`require_tool`], [`require_root`]: fail loudly when a test cannot run.
 //! - [`process_ticks`]: a process's CPU time, for the benchmarks.
+//! - [`kube`]: the stand-in Kubernetes API server every Kubernetes-path test
+//!   runs against (also the `palisade-kube-stand-in` binary).
 
 #![forbid(unsafe_code)]
 
@@ -23,6 +25,8 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use palisade_proto::identity::v1::identity_client::IdentityClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+pub mod kube;
 
 /// Path of a workspace binary, next to the test executable's `deps/` folder.
 /// The test command builds them first (`cargo build --workspace --bins`).
