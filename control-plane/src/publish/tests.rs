@@ -260,7 +260,7 @@ async fn an_api_server_that_refuses_is_counted_and_retried() {
         registry,
         ..
     } = fixture().await;
-    api.inject(Fault::status(403, "fake API server says no"));
+    api.inject(Fault::status(403, "refused by the test"));
     assert!(!publisher.publish_all().await, "a failed pass says so");
     let err = publisher
         .ensure_configmap("shop")

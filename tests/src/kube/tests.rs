@@ -64,6 +64,14 @@ where
     }
 }
 
+/// A client that shows a 429, 503 or 504 at once: kube 5 clients retry
+/// those up to 15 times by default (exponential from 5 ms).
+fn no_retry(api: &ApiServer) -> Client {
+    let mut config = api.kube_config();
+    config.default_retry = false;
+    Client::try_from(config).expect("client")
+}
+
 fn names(reader: &reflector::Store<ConfigMap>) -> Vec<String> {
     let mut names: Vec<String> = reader
         .state()
@@ -138,7 +146,9 @@ async fn create_get_update_and_delete_answer_like_the_api_server() {
 
     // Namespace lifecycle: nothing new in a namespace that is not there.
     let elsewhere: Api<ConfigMap> = Api::namespaced(client.clone(), "missing");
-    let refused = elsewhere.create(&PostParams::default(), &object).await;
+    let mut stray = object.clone();
+    stray.metadata.namespace = None;
+    let refused = elsewhere.create(&PostParams::default(), &stray).await;
     assert_eq!(api_status(refused.expect_err("no namespace")).0, 404);
 
     maps.delete("a", &DeleteParams::default())
@@ -327,6 +337,7 @@ async fn lists_select_page_and_keep_resource_version_semantics() {
         .await;
     assert_eq!(api_status(continued.expect_err("compacted")).0, 410);
     // A version from the future is too large (504), as the real server says.
+    let maps: Api<ConfigMap> = Api::namespaced(no_retry(&api), "demo");
     let future = ListParams::default()
         .at("999999")
         .matching(VersionMatch::NotOlderThan);
@@ -709,7 +720,7 @@ async fn the_pod_proxy_forwards_to_the_registered_address() {
         .request_text(get("/api/v1/namespaces/demo/pods/nope:15020/proxy/ready"))
         .await;
     assert_eq!(api_status(missing.expect_err("no pod")).0, 404);
-    let unregistered = client
+    let unregistered = no_retry(&api)
         .request_text(get("/api/v1/namespaces/demo/pods/web:9999/proxy/ready"))
         .await;
     assert_eq!(api_status(unregistered.expect_err("no address")).0, 503);

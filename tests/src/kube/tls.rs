@@ -36,11 +36,13 @@ impl Certs {
         let issuer = Issuer::new(ca, ca_key);
 
         let key = KeyPair::generate()?;
-        let params = CertificateParams::new(vec![
+        let mut params = CertificateParams::new(vec![
             "127.0.0.1".to_owned(),
             "::1".to_owned(),
             "localhost".to_owned(),
         ])?;
+        // Strict verifiers (OpenSSL's X509_STRICT, Python 3.13) want it.
+        params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &issuer)?;
 
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
