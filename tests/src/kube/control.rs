@@ -40,15 +40,12 @@ struct PodProxy {
 }
 
 pub(crate) fn handle(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Response<Body> {
-    let parse = |what: &str| -> Result<Value, Response<Body>> {
-        serde_json::from_slice(body).map_err(|e| {
-            status_response(&Status::bad_request(format!(
-                "{what}: the body is not JSON: {e}"
-            )))
-        })
+    let parse = |what: &str| -> Result<Value, Status> {
+        serde_json::from_slice(body)
+            .map_err(|e| Status::bad_request(format!("{what}: the body is not JSON: {e}")))
     };
     let done = || json_response(200, &json!({"ok": true}));
-    let result = match (method, path.trim_end_matches('/')) {
+    let result: Result<Response<Body>, Status> = match (method, path.trim_end_matches('/')) {
         (&Method::GET, "/stand-in/requests") => {
             let requests = lock(&shared.requests).clone();
             Ok(json_response(200, &json!(requests)))
@@ -66,18 +63,14 @@ pub(crate) fn handle(shared: &Shared, method: &Method, path: &str, body: &[u8]) 
             for object in objects {
                 match shared.upsert(object) {
                     Ok(object) => stored.push(object),
-                    Err(error) => {
-                        return Err(status_response(&Status::bad_request(error.to_string())));
-                    }
+                    Err(error) => return Err(Status::bad_request(error.to_string())),
                 }
             }
             Ok(json_response(200, &json!({"items": stored})))
         }),
         (&Method::POST, "/stand-in/token-reviews") => parse("token reviews").and_then(|value| {
-            let answers: HashMap<String, TokenAnswer> =
-                serde_json::from_value(value).map_err(|e| {
-                    status_response(&Status::bad_request(format!("token reviews: {e}")))
-                })?;
+            let answers: HashMap<String, TokenAnswer> = serde_json::from_value(value)
+                .map_err(|e| Status::bad_request(format!("token reviews: {e}")))?;
             let mut reviews = lock(&shared.reviews);
             for (token, answer) in answers {
                 reviews.script(token, answer);
@@ -93,7 +86,7 @@ pub(crate) fn handle(shared: &Shared, method: &Method, path: &str, body: &[u8]) 
         )),
         (&Method::POST, "/stand-in/faults") => parse("fault").and_then(|value| {
             let fault: Fault = serde_json::from_value(value)
-                .map_err(|e| status_response(&Status::bad_request(format!("fault: {e}"))))?;
+                .map_err(|e| Status::bad_request(format!("fault: {e}")))?;
             lock(&shared.faults).push(fault);
             Ok(done())
         }),
@@ -120,14 +113,14 @@ pub(crate) fn handle(shared: &Shared, method: &Method, path: &str, body: &[u8]) 
         }
         (&Method::POST, "/stand-in/pod-proxies") => parse("pod proxy").and_then(|value| {
             let proxy: PodProxy = serde_json::from_value(value)
-                .map_err(|e| status_response(&Status::bad_request(format!("pod proxy: {e}"))))?;
+                .map_err(|e| Status::bad_request(format!("pod proxy: {e}")))?;
             lock(&shared.proxies).insert((proxy.namespace, proxy.pod, proxy.port), proxy.address);
             Ok(done())
         }),
-        _ => Err(status_response(&Status::of_code(
+        _ => Err(Status::of_code(
             404,
             format!("no stand-in control endpoint {method} {path}"),
-        ))),
+        )),
     };
-    result.unwrap_or_else(|response| response)
+    result.unwrap_or_else(|status| status_response(&status))
 }

@@ -135,10 +135,10 @@ impl Store {
             before,
             after,
         });
-        if self.log.len() > MAX_HISTORY {
-            if let Some(oldest) = self.log.pop_front() {
-                self.compacted = oldest.rv;
-            }
+        if self.log.len() > MAX_HISTORY
+            && let Some(oldest) = self.log.pop_front()
+        {
+            self.compacted = oldest.rv;
         }
         answer
     }

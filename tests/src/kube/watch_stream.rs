@@ -187,14 +187,14 @@ pub(crate) async fn run(
                 return;
             }
         }
-        if want_bookmark && query.bookmarks {
-            if tx
+        if want_bookmark
+            && query.bookmarks
+            && tx
                 .send(bookmark(&api_version, &kind, cursor, None))
                 .await
                 .is_err()
-            {
-                return;
-            }
+        {
+            return;
         }
         want_bookmark = false;
         tokio::select! {
