@@ -23,12 +23,10 @@ from __future__ import annotations
 import base64
 import copy
 import functools
-import http.server
 import json
 import re
 import shutil
 import subprocess
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +36,8 @@ import kubernetes_validate
 import pytest
 import yaml
 from helm_python import _native
+
+from kube_stand_in import StandIn
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "palisade"
@@ -727,62 +727,14 @@ def test_each_render_without_a_cluster_makes_a_new_root() -> None:
     assert first != second
 
 
-class JsonHandler(http.server.BaseHTTPRequestHandler):
-    """A quiet request handler that answers JSON, as an API server does."""
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def _send(self, code: int, body: Any) -> None:
-        raw = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
-
-
-class _FakeApiServer:
-    """Just enough of an API server for Helm's `lookup` of one Secret."""
-
-    def __init__(self, secrets: dict[str, dict[str, Any]]):
-        self.requests: list[str] = []
-        outer = self
-
-        class Handler(JsonHandler):
-            def do_GET(self) -> None:
-                path = self.path.split("?")[0]
-                outer.requests.append(path)
-                if path == "/api/v1":
-                    return self._send(200, {
-                        "kind": "APIResourceList", "groupVersion": "v1",
-                        "resources": [{"name": "secrets", "singularName": "secret", "namespaced": True,
-                                       "kind": "Secret", "verbs": ["get", "list"]}],
-                    })
-                if path in secrets:
-                    return self._send(200, secrets[path])
-                return self._send(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                                        "reason": "NotFound", "code": 404})
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __exit__(self, *exc: Any) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def render_against(api: str, values: dict[str, Any]) -> list[dict[str, Any]]:
-    with helm.Config(kube_apiserver=api, kube_token="test", namespace=NAMESPACE) as config:
+def render_against(api: StandIn, values: dict[str, Any]) -> list[dict[str, Any]]:
+    """Renders as `helm install/upgrade` would, with `lookup` asking the stand-in API server."""
+    with helm.Config(kubeconfig_path=api.kubeconfig, namespace=NAMESPACE) as config:
         with helm.Chart.load(CHART) as chart:
             return documents(config.render(chart, values, name=RELEASE, namespace=NAMESPACE))
 
 
-def test_upgrade_keeps_the_existing_root() -> None:
+def test_upgrade_keeps_the_existing_root(tmp_path: Path) -> None:
     """On upgrade (the Secret exists) the root, key and bundle are kept byte for byte.
 
     The Secret below is what an operator leaves after step 1 of a rotation:
@@ -797,18 +749,18 @@ def test_upgrade_keeps_the_existing_root() -> None:
         "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
         "metadata": {"name": "palisade-ca", "namespace": NAMESPACE}, "data": data,
     }
-    with _FakeApiServer({f"/api/v1/namespaces/{NAMESPACE}/secrets/palisade-ca": existing}) as api:
+    with StandIn(tmp_path, objects=[existing]) as api:
         docs = render_against(api, {})
     assert one(docs, "Secret")["data"] == data
     hook = one(docs, "MutatingWebhookConfiguration")["webhooks"][0]
     assert hook["clientConfig"]["caBundle"] == data["ca.crt"]
 
 
-def test_install_generates_when_no_secret_exists() -> None:
-    server = _FakeApiServer({})
-    with server as api:
+def test_install_generates_when_no_secret_exists(tmp_path: Path) -> None:
+    with StandIn(tmp_path) as api:
         docs = render_against(api, {})
-    assert f"/api/v1/namespaces/{NAMESPACE}/secrets/palisade-ca" in server.requests, "lookup never asked"
+        asked = [(r["path"], r["status"]) for r in api.requests()]
+    assert (f"/api/v1/namespaces/{NAMESPACE}/secrets/palisade-ca", 404) in asked, f"lookup never asked: {asked}"
     secret = one(docs, "Secret")
     text = openssl("x509", "-noout", "-text", stdin=base64.b64decode(secret["data"]["tls.crt"]))
     assert "CA:TRUE" in text

@@ -4,7 +4,8 @@ The chart's tests check the manifests; these check that what the chart hands
 the control plane actually works with it: the Deployment's exact environment,
 the chart-generated CA Secret and the injection ConfigMap are given to
 `target/debug/palisade-control-plane` (built by tests/run.sh before pytest),
-with KUBECONFIG pointing at a loopback stand-in for the API server. Then:
+with KUBECONFIG pointing at the stand-in API server (`palisade-kube-stand-in`,
+see kube_stand_in.py), which stores what the control plane writes. Then:
 
 - the control plane writes the chart's root into the webhook's `caBundle`
   and the trust-bundle ConfigMap into the injection-enabled namespace;
@@ -17,20 +18,21 @@ with KUBECONFIG pointing at a loopback stand-in for the API server. Then:
 from __future__ import annotations
 
 import base64
-import http.server
 import json
 import os
 import re
 import subprocess
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import jsonpatch
 import pytest
 
-from test_chart import NAMESPACE, REPO, JsonHandler, docs_of, env_of, injection_config, one
+from kube_stand_in import StandIn
+from test_chart import NAMESPACE, REPO, docs_of, env_of, injection_config, one
 
 BINARY = REPO / "target" / "debug" / "palisade-control-plane"
 FIXTURE = REPO / "tests" / "fixtures" / "admission" / "ordinary-pod.json"
@@ -40,64 +42,6 @@ FIXTURE = REPO / "tests" / "fixtures" / "admission" / "ordinary-pod.json"
 def binary() -> Path:
     assert BINARY.exists(), f"{BINARY} is missing: tests/run.sh builds it (cargo build --workspace --bins) before the chart tests"
     return BINARY
-
-
-class FakeApiServer:
-    """The calls the control plane makes at start: the webhook configuration
-    (get, JSON patch), namespaces (list by label), ConfigMaps (apply)."""
-
-    def __init__(self, webhook: dict[str, Any], namespaces: list[dict[str, Any]]):
-        self.webhook = webhook
-        self.namespaces = namespaces
-        self.configmaps: dict[tuple[str, str], dict[str, Any]] = {}
-        self.lock = threading.Lock()
-        outer = self
-        webhook_path = f"/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{webhook['metadata']['name']}"
-
-        class Handler(JsonHandler):
-            def _body(self) -> bytes:
-                return self.rfile.read(int(self.headers.get("Content-Length", "0")))
-
-            def do_GET(self) -> None:
-                path, _, query = self.path.partition("?")
-                with outer.lock:
-                    if path == webhook_path:
-                        return self._send(200, outer.webhook)
-                    if path == "/api/v1/namespaces":
-                        assert "labelSelector=palisade.io%2Finject%3Denabled" in query, query
-                        items = [n for n in outer.namespaces if n["metadata"]["labels"].get("palisade.io/inject") == "enabled"]
-                        return self._send(200, {"apiVersion": "v1", "kind": "NamespaceList", "metadata": {}, "items": items})
-                return self._send(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404})
-
-            def do_PATCH(self) -> None:
-                path, _, _ = self.path.partition("?")
-                body = self._body()
-                with outer.lock:
-                    if path == webhook_path:
-                        assert self.headers["Content-Type"] == "application/json-patch+json"
-                        outer.webhook = jsonpatch.JsonPatch(json.loads(body)).apply(outer.webhook)
-                        return self._send(200, outer.webhook)
-                    m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/configmaps/([^/]+)", path)
-                    if m:
-                        doc = json.loads(body)
-                        outer.configmaps[(m.group(1), m.group(2))] = doc
-                        return self._send(200, doc)
-                return self._send(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404})
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> "FakeApiServer":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
 
 
 def wait_for(what: str, check, timeout: float = 15.0) -> Any:
@@ -143,14 +87,10 @@ def test_the_control_plane_runs_with_what_the_chart_renders(binary: Path, tmp_pa
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo", "labels": {"palisade.io/inject": "enabled"}}},
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "other", "labels": {}}},
     ]
-    with FakeApiServer(webhook_config, namespaces) as api:
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(json.dumps({
-            "apiVersion": "v1", "kind": "Config", "current-context": "test",
-            "clusters": [{"name": "test", "cluster": {"server": api.url}}],
-            "users": [{"name": "test", "user": {"token": "test-token"}}],
-            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test", "namespace": NAMESPACE}}],
-        }))
+    webhook_path = ("/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/"
+                    + webhook_config["metadata"]["name"])
+    with StandIn(tmp_path / "api", objects=[webhook_config, *namespaces], namespace=NAMESPACE) as api:
+        kubeconfig = api.kubeconfig
         env = {k: v for k, v in env_of(deployment).items() if v is not None}
         env.update({
             "PALISADE_CA_DIR": str(ca_dir),
@@ -174,15 +114,23 @@ def test_the_control_plane_runs_with_what_the_chart_renders(binary: Path, tmp_pa
 
             # The trust bundle reaches the API server and the namespace.
             def ca_bundles() -> list[str] | None:
-                with api.lock:
-                    bundles = [w["clientConfig"].get("caBundle") for w in api.webhook["webhooks"]]
+                bundles = [w["clientConfig"].get("caBundle") for w in api.get(webhook_path)["webhooks"]]
                 return bundles if all(bundles) else None
             bundles = wait_for("the webhook caBundle", ca_bundles)
             for b in bundles:
                 assert base64.b64decode(b).decode().strip() == root_pem.strip()
-            written = wait_for("the trust bundle ConfigMap", lambda: api.configmaps.get(("demo", config["bundleConfigMap"])))
+            configmap = f"configmaps/{config['bundleConfigMap']}"
+            written = wait_for("the trust bundle ConfigMap", lambda: api.get(f"/api/v1/namespaces/demo/{configmap}"))
             assert written["data"]["ca.crt"].strip() == root_pem.strip()
-            assert ("other", config["bundleConfigMap"]) not in api.configmaps
+            assert api.get(f"/api/v1/namespaces/other/{configmap}") is None
+
+            # How it asked: a JSON patch of the webhook, namespaces by label.
+            requests = api.requests()
+            patches = [r for r in requests if r["method"] == "PATCH" and r["path"] == webhook_path]
+            assert patches and all(r["contentType"] == "application/json-patch+json" for r in patches), patches
+            lists = [urllib.parse.parse_qs(r["query"]) for r in requests
+                     if r["method"] == "GET" and r["path"] == "/api/v1/namespaces"]
+            assert lists and all(q.get("labelSelector") == ["palisade.io/inject=enabled"] for q in lists), lists
 
             # The API server's call: HTTPS to <service>.<namespace>.svc, trusting the caBundle.
             host = f"{service['metadata']['name']}.{NAMESPACE}.svc"

@@ -12,6 +12,8 @@
 //! - [`require_tool`], [`require_root`]: fail loudly when a test cannot run.
 //! - [`netns`]: pods and plain hosts as network namespaces on a bridge, with
 //!   processes as a given user, packet capture and cleanup (root only).
+//! - [`kube`]: the stand-in Kubernetes API server every Kubernetes-path test
+//!   runs against (also the `palisade-kube-stand-in` binary).
 
 #![forbid(unsafe_code)]
 
@@ -28,6 +30,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use palisade_proto::identity::v1::identity_client::IdentityClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
+pub mod kube;
 pub mod netns;
 
 /// Path of a workspace binary, next to the test executable's `deps/` folder.

@@ -1,68 +1,22 @@
 //! The control plane binary with `--authenticator kubernetes`, finding its API
-//! server through KUBECONFIG like `kubectl` does, against an HTTPS server on
-//! loopback (an independent one: Python's http.server) that answers
-//! TokenReview like an API server.
+//! server through KUBECONFIG like `kubectl` does, against the stand-in API
+//! server (`palisade_tests::kube`) answering TokenReview over HTTPS.
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
-};
+use std::process::{Command, Stdio};
 
 use palisade_proto::identity::v1::CertifyRequest;
-use palisade_tests::{ControlPlane, bin, metric, require_tool};
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, IsCa, Issuer, KeyPair, SanType,
+use palisade_tests::{
+    ControlPlane, bin,
+    kube::{ApiServer, TokenAnswer},
+    metric,
 };
+use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
 use tonic::Code;
 
 const IDENTITY: &str = "spiffe://cluster.local/ns/prod/sa/api";
 
-const API_SERVER: &str = r#"
-import http.server, json, ssl, sys
-class TokenReview(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_POST(self):
-        review = json.loads(self.body())
-        if self.path.split("?")[0] != "/apis/authentication.k8s.io/v1/tokenreviews":
-            return self.reply(404, {})
-        if self.headers.get("Authorization") != "Bearer control-plane-token":
-            return self.reply(401, {})
-        token, audiences = review["spec"]["token"], review["spec"].get("audiences", [])
-        if token == "good-sa-token" and "palisade" in audiences:
-            review["status"] = {"authenticated": True, "audiences": ["palisade"],
-                                "user": {"username": "system:serviceaccount:prod:api"}}
-        elif token == "other-audience-token":
-            review["status"] = {"authenticated": False, "error": "token audiences [\"vault\"] is invalid for the target audiences [\"palisade\"]"}
-        else:
-            review["status"] = {"authenticated": False, "error": "invalid bearer token"}
-        self.reply(201, review)
-    def reply(self, code, document):
-        body = json.dumps(document).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def body(self):
-        return self.rfile.read(int(self.headers.get("Content-Length", 0)))
-    def log_message(self, *args):
-        pass
-server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), TokenReview)
-context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-context.load_cert_chain(sys.argv[1], sys.argv[2])
-server.socket = context.wrap_socket(server.socket, server_side=True)
-print("ready", server.server_address[1], flush=True)
-server.serve_forever()
-"#;
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+/// The control plane's own credential: the stand-in answers nothing else.
+const CONTROL_PLANE_TOKEN: &str = "control-plane-token";
 
 fn request(token: &str, identity: &str) -> CertifyRequest {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("keygen");
@@ -79,57 +33,26 @@ fn request(token: &str, identity: &str) -> CertifyRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_validates_service_account_tokens_through_kubeconfig() {
-    require_tool("python3");
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
 
-    // The fake API server's own CA and certificate.
-    let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("keygen");
-    let mut ca = CertificateParams::default();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_pem = ca.self_signed(&ca_key).expect("ca").pem();
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("keygen");
-    let server = CertificateParams::new(vec!["127.0.0.1".into()]).expect("params");
-    let server_pem = server
-        .signed_by(&key, &Issuer::from_params(&ca, &ca_key))
-        .expect("sign")
-        .pem();
-    std::fs::write(d.join("api-ca.pem"), &ca_pem).expect("write");
-    std::fs::write(d.join("api.pem"), server_pem).expect("write");
-    std::fs::write(d.join("api.key"), key.serialize_pem()).expect("write");
-    std::fs::write(d.join("api.py"), API_SERVER).expect("write");
-
-    let mut api = Killed(
-        Command::new("python3")
-            .arg(d.join("api.py"))
-            .arg(d.join("api.pem"))
-            .arg(d.join("api.key"))
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3 runs"),
-    );
-    let mut line = String::new();
-    BufReader::new(api.0.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("ready line");
-    let port: u16 = line
-        .trim()
-        .strip_prefix("ready ")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("the fake API server did not start: {line:?}"));
-
+    // Authenticated only for the audience `palisade`, as the real server
+    // answers: the control plane must ask for it.
+    let api = ApiServer::builder()
+        .client_token(CONTROL_PLANE_TOKEN)
+        .token_review(
+            "good-sa-token",
+            TokenAnswer::service_account("prod", "api", &["palisade"]),
+        )
+        .token_review(
+            "other-audience-token",
+            TokenAnswer::service_account("prod", "api", &["vault"]),
+        )
+        .start()
+        .await
+        .expect("the stand-in API server starts");
     let kubeconfig = d.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
-             clusters:\n- name: test\n  cluster:\n    server: https://127.0.0.1:{port}\n    certificate-authority: {}\n\
-             users:\n- name: cp\n  user:\n    token: control-plane-token\n\
-             contexts:\n- name: test\n  context:\n    cluster: test\n    user: cp\n",
-            d.join("api-ca.pem").display()
-        ),
-    )
-    .expect("kubeconfig");
+    api.write_kubeconfig(&kubeconfig, None).expect("kubeconfig");
 
     let status = Command::new(bin("palisade-control-plane"))
         .args(["ca", "init", "--out"])
@@ -190,8 +113,23 @@ async fn the_binary_validates_service_account_tokens_through_kubeconfig() {
         );
     }
 
+    // Every review asked for the audience `palisade`, with the control
+    // plane's own credential.
+    let reviews = api.token_reviews();
+    assert_eq!(reviews.len(), 4, "{reviews:?}");
+    assert!(
+        reviews.iter().all(|r| r.audiences == ["palisade"]),
+        "{reviews:?}"
+    );
+    assert!(
+        api.requests()
+            .iter()
+            .all(|r| r.authorization.as_deref() == Some("Bearer control-plane-token")),
+        "the control plane presents its kubeconfig credential"
+    );
+
     // The API server gone: UNAVAILABLE, so sidecars retry.
-    drop(api);
+    api.shutdown().await;
     let status = client
         .certify(request("good-sa-token", IDENTITY))
         .await

@@ -1,118 +1,17 @@
-//! The publisher against a loopback HTTP server that answers the few API
-//! calls it makes the way the API server does, and records them.
+//! The publisher against the stand-in API server (`palisade_tests::kube`),
+//! which stores what it writes and records every call.
 
-use std::sync::{Arc, Mutex};
-
-use axum::{
-    Json, Router,
-    extract::{Path, RawQuery, State},
-    http::{HeaderMap, StatusCode},
-    routing::get,
-};
+use palisade_tests::kube::{ApiServer, Fault, Recorded};
 use prometheus::Registry;
 use serde_json::{Value, json};
 
 use super::*;
 use crate::testing::TestCa;
 
-#[derive(Debug, Default)]
-struct FakeApi {
-    webhook: Value,
-    namespaces: Vec<Value>,
-    /// (namespace, name, content-type, query, body) of every ConfigMap apply.
-    applies: Vec<(String, String, String, String, Value)>,
-    webhook_patches: usize,
-    /// Answer every call with this status instead.
-    fail_with: Option<u16>,
-}
-
-type Shared = Arc<Mutex<FakeApi>>;
-
-async fn get_webhook(
-    State(api): State<Shared>,
-    Path(name): Path<String>,
-) -> (StatusCode, Json<Value>) {
-    let api = api.lock().expect("lock");
-    if let Some(code) = api.fail_with {
-        return status(code);
-    }
-    if api.webhook["metadata"]["name"] != name.as_str() {
-        return status(404);
-    }
-    (StatusCode::OK, Json(api.webhook.clone()))
-}
-
-async fn patch_webhook(
-    State(api): State<Shared>,
-    headers: HeaderMap,
-    body: String,
-) -> (StatusCode, Json<Value>) {
-    let mut api = api.lock().expect("lock");
-    assert_eq!(
-        headers["content-type"], "application/json-patch+json",
-        "a JSON patch"
-    );
-    let patch: json_patch::Patch = serde_json::from_str(&body).expect("a JSON patch");
-    if json_patch::patch(&mut api.webhook, &patch).is_err() {
-        return status(422);
-    }
-    api.webhook_patches += 1;
-    (StatusCode::OK, Json(api.webhook.clone()))
-}
-
-async fn list_namespaces(
-    State(api): State<Shared>,
-    RawQuery(query): RawQuery,
-) -> (StatusCode, Json<Value>) {
-    let api = api.lock().expect("lock");
-    if let Some(code) = api.fail_with {
-        return status(code);
-    }
-    let selector = query
-        .unwrap_or_default()
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("labelSelector="))
-        .expect("the list is filtered by label")
-        .replace("%2F", "/")
-        .replace("%3D", "=");
-    let (key, value) = selector.split_once('=').expect("an equality selector");
-    let items: Vec<Value> = api
-        .namespaces
-        .iter()
-        .filter(|ns| ns["metadata"]["labels"][key] == value)
-        .cloned()
-        .collect();
-    let list = json!({"apiVersion": "v1", "kind": "NamespaceList", "metadata": {}, "items": items});
-    (StatusCode::OK, Json(list))
-}
-
-async fn apply_configmap(
-    State(api): State<Shared>,
-    Path((ns, name)): Path<(String, String)>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-    body: String,
-) -> (StatusCode, Json<Value>) {
-    let mut api = api.lock().expect("lock");
-    if let Some(code) = api.fail_with {
-        return status(code);
-    }
-    let body: Value = serde_json::from_str(&body).expect("apply bodies are JSON");
-    let content_type = headers["content-type"].to_str().expect("ascii").to_owned();
-    api.applies.push((
-        ns,
-        name,
-        content_type,
-        query.unwrap_or_default(),
-        body.clone(),
-    ));
-    (StatusCode::OK, Json(body))
-}
-
-fn status(code: u16) -> (StatusCode, Json<Value>) {
-    let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, "message": "fake API server says no", "reason": "Forbidden"});
-    (StatusCode::from_u16(code).expect("valid code"), Json(body))
-}
+const WEBHOOK: &str = "palisade-sidecar-injector";
+const WEBHOOKS: &str = "mutatingwebhookconfigurations.admissionregistration.k8s.io";
+const WEBHOOK_PATH: &str =
+    "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/palisade-sidecar-injector";
 
 fn namespace(name: &str, labels: Value, terminating: bool) -> Value {
     let mut ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}});
@@ -123,7 +22,7 @@ fn namespace(name: &str, labels: Value, terminating: bool) -> Value {
 }
 
 struct Fixture {
-    api: Shared,
+    api: ApiServer,
     publisher: BundlePublisher,
     registry: Registry,
     ca: Arc<CaStore>,
@@ -132,46 +31,38 @@ struct Fixture {
 }
 
 async fn fixture() -> Fixture {
-    let api = Arc::new(Mutex::new(FakeApi {
-        webhook: json!({
-            "apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "MutatingWebhookConfiguration",
-            "metadata": {"name": "palisade-sidecar-injector", "resourceVersion": "7"},
-            "webhooks": [
-                {"name": "inject.palisade.io", "admissionReviewVersions": ["v1"], "sideEffects": "NoneOnDryRun",
-                 "clientConfig": {"service": {"name": "palisade-control-plane", "namespace": "palisade", "path": "/inject", "port": 15017}}},
-                {"name": "inject-2.palisade.io", "admissionReviewVersions": ["v1"], "sideEffects": "NoneOnDryRun",
-                 "clientConfig": {"caBundle": "c3RhbGU=", "service": {"name": "palisade-control-plane", "namespace": "palisade", "port": 15017}}},
-            ],
-        }),
-        namespaces: vec![
-            namespace("shop", json!({"palisade.io/inject": "enabled"}), false),
-            namespace(
-                "demo",
-                json!({"palisade.io/inject": "enabled", "team": "a"}),
-                false,
-            ),
-            namespace("kube-system", json!({}), false),
-            namespace("old", json!({"palisade.io/inject": "enabled"}), true),
+    let webhook = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": WEBHOOK},
+        "webhooks": [
+            {"name": "inject.palisade.io", "admissionReviewVersions": ["v1"], "sideEffects": "NoneOnDryRun",
+             "clientConfig": {"service": {"name": "palisade-control-plane", "namespace": "palisade", "path": "/inject", "port": 15017}}},
+            {"name": "inject-2.palisade.io", "admissionReviewVersions": ["v1"], "sideEffects": "NoneOnDryRun",
+             "clientConfig": {"caBundle": "c3RhbGU=", "service": {"name": "palisade-control-plane", "namespace": "palisade", "port": 15017}}},
         ],
-        ..FakeApi::default()
-    }));
-    let app = Router::new()
-        .route(
-            "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{name}",
-            get(get_webhook).patch(patch_webhook),
-        )
-        .route("/api/v1/namespaces", get(list_namespaces))
-        .route(
-            "/api/v1/namespaces/{ns}/configmaps/{name}",
-            axum::routing::patch(apply_configmap),
-        )
-        .with_state(api.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+    });
+    let api = ApiServer::builder()
+        .object(webhook)
+        .object(namespace(
+            "shop",
+            json!({"palisade.io/inject": "enabled"}),
+            false,
+        ))
+        .object(namespace(
+            "demo",
+            json!({"palisade.io/inject": "enabled", "team": "a"}),
+            false,
+        ))
+        .object(namespace("kube-system", json!({}), false))
+        .object(namespace(
+            "old",
+            json!({"palisade.io/inject": "enabled"}),
+            true,
+        ))
+        .start()
         .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, app).await });
+        .expect("the stand-in API server starts");
 
     let dir = tempfile::tempdir().expect("tempdir");
     let root = TestCa::fresh_root("root A");
@@ -179,9 +70,9 @@ async fn fixture() -> Fixture {
     let ca = Arc::new(CaStore::load(dir.path()).expect("valid CA"));
     let registry = Registry::new();
     let metrics = Metrics::register(&registry).expect("fresh registry");
-    let client = Client::try_from(kube::Config::new(url.parse().expect("url"))).expect("client");
+    let client = api.client().expect("client");
     let config = PublishConfig {
-        webhook_configuration: Some("palisade-sidecar-injector".into()),
+        webhook_configuration: Some(WEBHOOK.into()),
         bundle_configmap: Some("palisade-trust-bundle".into()),
         resync: Duration::from_secs(300),
         request_timeout: Duration::from_secs(5),
@@ -215,9 +106,11 @@ fn published(registry: &Registry, target: &str, result: &str) -> u64 {
         .sum()
 }
 
-fn decoded_ca_bundles(api: &Shared) -> Vec<String> {
-    let api = api.lock().expect("lock");
-    api.webhook["webhooks"]
+fn decoded_ca_bundles(api: &ApiServer) -> Vec<String> {
+    let webhook = api
+        .get(WEBHOOKS, None, WEBHOOK)
+        .expect("the webhook configuration");
+    webhook["webhooks"]
         .as_array()
         .expect("webhooks")
         .iter()
@@ -229,6 +122,28 @@ fn decoded_ca_bundles(api: &Shared) -> Vec<String> {
                     .expect("base64"),
             )
             .expect("PEM text")
+        })
+        .collect()
+}
+
+/// Successful patches of the webhook configuration.
+fn webhook_patches(api: &ApiServer) -> Vec<Recorded> {
+    api.requests()
+        .into_iter()
+        .filter(|r| r.is("PATCH", WEBHOOK_PATH) && r.status == Some(200))
+        .collect()
+}
+
+/// Successful writes of a ConfigMap, with the namespace each went to.
+fn applies(api: &ApiServer) -> Vec<(String, Recorded)> {
+    api.requests()
+        .into_iter()
+        .filter(|r| r.method == "PATCH" && r.status.is_some_and(|s| s < 300))
+        .filter_map(|r| {
+            let rest = r.path.strip_prefix("/api/v1/namespaces/")?;
+            let (ns, rest) = rest.split_once('/')?;
+            rest.starts_with("configmaps/")
+                .then(|| (ns.to_owned(), r.clone()))
         })
         .collect()
 }
@@ -254,33 +169,72 @@ async fn publishes_the_bundle_to_the_webhook_and_enabled_namespaces_once() {
             "caBundle is the trust bundle PEM"
         );
     }
-    {
-        let api = api.lock().expect("lock");
-        assert_eq!(api.webhook_patches, 1, "one patch sets both webhooks");
-        let mut written: Vec<_> = api.applies.iter().map(|a| a.0.as_str()).collect();
-        written.sort_unstable();
-        assert_eq!(
-            written,
-            ["demo", "shop"],
-            "enabled namespaces only, not terminating ones"
-        );
-        let (_, name, content_type, query, body) = &api.applies[0];
-        assert_eq!(name, "palisade-trust-bundle");
-        assert_eq!(content_type, "application/apply-patch+yaml");
-        assert!(
-            query.contains("fieldManager=palisade-control-plane") && query.contains("force=true"),
-            "{query}"
-        );
-        assert_eq!(
-            body["data"]["ca.crt"].as_str().map(str::trim),
-            Some(root.pem.trim())
-        );
-    }
+    let patches = webhook_patches(&api);
+    assert_eq!(patches.len(), 1, "one patch sets both webhooks");
+    assert_eq!(
+        patches[0].content_type.as_deref(),
+        Some("application/json-patch+json"),
+        "a JSON patch"
+    );
+    let listed = api
+        .requests()
+        .into_iter()
+        .find(|r| r.is("GET", "/api/v1/namespaces"))
+        .expect("the namespaces were listed");
+    assert_eq!(
+        listed.param("labelSelector").as_deref(),
+        Some("palisade.io/inject=enabled"),
+        "the list is filtered by label"
+    );
+    let written = applies(&api);
+    let mut namespaces: Vec<_> = written.iter().map(|(ns, _)| ns.as_str()).collect();
+    namespaces.sort_unstable();
+    assert_eq!(
+        namespaces,
+        ["demo", "shop"],
+        "enabled namespaces only, not terminating ones"
+    );
+    let (_, apply) = &written[0];
+    assert!(
+        apply.path.ends_with("/configmaps/palisade-trust-bundle"),
+        "{}",
+        apply.path
+    );
+    assert_eq!(
+        apply.content_type.as_deref(),
+        Some("application/apply-patch+yaml")
+    );
+    assert_eq!(
+        apply.param("fieldManager").as_deref(),
+        Some("palisade-control-plane")
+    );
+    assert_eq!(
+        apply.param("force").as_deref(),
+        Some("true"),
+        "{}",
+        apply.query
+    );
+    let body = apply.json().expect("the apply body");
+    assert_eq!(
+        body["data"]["ca.crt"].as_str().map(str::trim),
+        Some(root.pem.trim())
+    );
+    let stored = api
+        .get("configmaps", Some("shop"), "palisade-trust-bundle")
+        .expect("the ConfigMap is stored");
+    assert_eq!(
+        stored["data"]["ca.crt"].as_str().map(str::trim),
+        Some(root.pem.trim())
+    );
+    assert!(
+        api.get("configmaps", Some("kube-system"), "palisade-trust-bundle")
+            .is_none()
+    );
 
     // Nothing changed: no writes.
     publisher.publish_all().await;
-    assert_eq!(api.lock().expect("lock").webhook_patches, 1);
-    assert_eq!(api.lock().expect("lock").applies.len(), 2);
+    assert_eq!(webhook_patches(&api).len(), 1);
+    assert_eq!(applies(&api).len(), 2);
 
     // A second root joins the bundle: everything is rewritten with both.
     let root_b = TestCa::fresh_root("root B");
@@ -293,7 +247,7 @@ async fn publishes_the_bundle_to_the_webhook_and_enabled_namespaces_once() {
             "{b}"
         );
     }
-    assert_eq!(api.lock().expect("lock").applies.len(), 4);
+    assert_eq!(applies(&api).len(), 4);
     assert_eq!(published(&registry, "webhook_ca_bundle", "success"), 2);
     assert_eq!(published(&registry, "configmap", "success"), 4);
 }
@@ -306,7 +260,7 @@ async fn an_api_server_that_refuses_is_counted_and_retried() {
         registry,
         ..
     } = fixture().await;
-    api.lock().expect("lock").fail_with = Some(403);
+    api.inject(Fault::status(403, "refused by the test"));
     assert!(!publisher.publish_all().await, "a failed pass says so");
     let err = publisher
         .ensure_configmap("shop")
@@ -321,9 +275,9 @@ async fn an_api_server_that_refuses_is_counted_and_retried() {
     assert_eq!(published(&registry, "configmap", "failure"), 2);
 
     // Once the API server answers again, the same publisher catches up.
-    api.lock().expect("lock").fail_with = None;
+    api.clear_faults();
     assert!(publisher.publish_all().await);
-    assert_eq!(api.lock().expect("lock").applies.len(), 2);
+    assert_eq!(applies(&api).len(), 2);
     assert_eq!(published(&registry, "webhook_ca_bundle", "success"), 1);
 }
 
@@ -344,9 +298,9 @@ async fn a_namespace_named_by_the_webhook_gets_a_configmap_only_when_labelled() 
             .await
             .expect("answered")
     );
-    assert!(api.lock().expect("lock").applies.is_empty());
+    assert!(applies(&api).is_empty());
     assert!(publisher.ensure_labelled("shop").await.expect("answered"));
-    let api = api.lock().expect("lock");
-    assert_eq!(api.applies.len(), 1);
-    assert_eq!(api.applies[0].0, "shop");
+    let written = applies(&api);
+    assert_eq!(written.len(), 1);
+    assert_eq!(written[0].0, "shop");
 }

@@ -331,12 +331,11 @@ fn prost_types_duration(seconds: i64) -> prost_types::Duration {
 
 #[tokio::test]
 async fn kubernetes_tokens_map_to_codes_and_reasons() {
-    use crate::authn::kubernetes::tests::{ApiServer, Behaviour, install_crypto_provider, token};
-    install_crypto_provider();
-    let api = ApiServer::start(Behaviour::Review).await;
+    use crate::authn::kubernetes::tests::{api_server, authenticator, token};
+    let api = api_server().await;
     let h = harness_with(
         tempfile::tempdir().expect("tempdir"),
-        Authenticator::Kubernetes(api.authenticator()),
+        Authenticator::Kubernetes(authenticator(&api)),
     );
     const API: &str = "spiffe://cluster.local/ns/prod/sa/api";
 
@@ -396,10 +395,13 @@ async fn kubernetes_tokens_map_to_codes_and_reasons() {
     );
 
     // The API server failing: UNAVAILABLE, so the sidecar retries.
-    let failing = ApiServer::start(Behaviour::Fail(http::StatusCode::INTERNAL_SERVER_ERROR)).await;
+    api.inject(palisade_tests::kube::Fault::status(
+        500,
+        "etcdserver: request timed out",
+    ));
     let h = harness_with(
         tempfile::tempdir().expect("tempdir"),
-        Authenticator::Kubernetes(failing.authenticator()),
+        Authenticator::Kubernetes(authenticator(&api)),
     );
     let status = h
         .service
