@@ -330,6 +330,75 @@ mod tests {
     }
 
     #[test]
+    fn the_length_bounds_are_inclusive() {
+        let id_of_len = |n: usize| {
+            let prefix = "spiffe://example.org/";
+            format!("{prefix}{}", "a".repeat(n - prefix.len()))
+        };
+        assert_eq!(id_of_len(MAX_ID_LEN).len(), MAX_ID_LEN);
+        assert!(SpiffeId::parse(&id_of_len(MAX_ID_LEN)).is_ok());
+        assert_eq!(
+            SpiffeId::parse(&id_of_len(MAX_ID_LEN + 1)).err(),
+            Some(SpiffeIdError::TooLong)
+        );
+
+        let td = "a".repeat(MAX_TRUST_DOMAIN_LEN);
+        assert!(TrustDomain::parse(&td).is_ok());
+        assert!(SpiffeId::parse(&format!("spiffe://{td}/x")).is_ok());
+        let td = "a".repeat(MAX_TRUST_DOMAIN_LEN + 1);
+        assert_eq!(
+            TrustDomain::parse(&td).err(),
+            Some(SpiffeIdError::TrustDomainTooLong)
+        );
+        assert_eq!(MAX_ID_LEN, 2048);
+        assert_eq!(MAX_TRUST_DOMAIN_LEN, 255);
+    }
+
+    #[test]
+    fn ids_and_trust_domains_print_as_themselves() {
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").expect("valid");
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/a/sa/b");
+        assert_eq!(
+            format!("{id:?}"),
+            "SpiffeId(spiffe://cluster.local/ns/a/sa/b)"
+        );
+        let td: TrustDomain = "cluster.local".parse().expect("valid");
+        assert_eq!(td.to_string(), "cluster.local");
+        assert_eq!(format!("{td:?}"), "TrustDomain(cluster.local)");
+        assert_eq!(
+            serde_json::to_string(&td).expect("serializes"),
+            "\"cluster.local\""
+        );
+        assert_eq!(
+            serde_json::to_string(&id).expect("serializes"),
+            "\"spiffe://cluster.local/ns/a/sa/b\""
+        );
+        let parsed: SpiffeId = "spiffe://cluster.local/ns/a/sa/b".parse().expect("valid");
+        assert_eq!(parsed, id);
+        assert!("spiffe://cluster.local/ns/a/".parse::<SpiffeId>().is_err());
+        assert!("Cluster.local".parse::<TrustDomain>().is_err());
+    }
+
+    #[test]
+    fn a_namespace_or_account_of_more_than_one_segment_is_refused() {
+        let td = TrustDomain::parse("cluster.local").expect("valid");
+        for (ns, sa, why) in [
+            ("a/b", "api", SpiffeIdError::BadPathChar),
+            ("prod", "a/b", SpiffeIdError::BadPathChar),
+            ("", "api", SpiffeIdError::EmptySegment),
+            ("prod", "", SpiffeIdError::EmptySegment),
+            ("..", "api", SpiffeIdError::DotSegment),
+            ("prod", ".", SpiffeIdError::DotSegment),
+        ] {
+            assert_eq!(
+                SpiffeId::from_kubernetes(&td, ns, sa).err(),
+                Some(why),
+                "{ns:?} {sa:?}"
+            );
+        }
+    }
+
+    #[test]
     fn kubernetes_ids_are_built_from_namespace_and_service_account() {
         let td = TrustDomain::parse("cluster.local").expect("valid");
         let id = SpiffeId::from_kubernetes(&td, "prod", "api").expect("valid");

@@ -146,7 +146,7 @@ fn check_key(csr: &X509CertificationRequest<'_>) -> Result<&'static str, CsrErro
     }
     if *alg == OID_PKCS1_RSAENCRYPTION {
         let bits = match spki.parsed() {
-            Ok(PublicKey::RSA(rsa)) => rsa.key_size(),
+            Ok(PublicKey::RSA(rsa)) => rsa_bits(rsa.modulus)?,
             _ => return Err(CsrError::Malformed("an RSA key that does not parse".into())),
         };
         return if bits < MIN_RSA_BITS {
@@ -162,6 +162,28 @@ fn check_key(csr: &X509CertificationRequest<'_>) -> Result<&'static str, CsrErro
         };
     }
     Err(CsrError::UnsupportedKey(format!("key algorithm {alg}")))
+}
+
+/// The exact size of an RSA modulus in bits, from its DER INTEGER contents.
+///
+/// x509-parser's `key_size` counts whole bytes after dropping the first
+/// one, which makes a 2047-bit key 2040 bits and an 8199-bit key 8192;
+/// the bounds are checked on the real length.
+fn rsa_bits(modulus: &[u8]) -> Result<usize, CsrError> {
+    if modulus.first().is_some_and(|b| b & 0x80 != 0) {
+        return Err(CsrError::Malformed(
+            "an RSA modulus that is negative".into(),
+        ));
+    }
+    let start = modulus
+        .iter()
+        .position(|&b| b != 0)
+        .unwrap_or(modulus.len());
+    let significant = &modulus[start..];
+    let top_bits = significant
+        .first()
+        .map_or(0, |b| 8 - b.leading_zeros() as usize);
+    Ok(significant.len().saturating_sub(1) * 8 + top_bits)
 }
 
 /// secp192r1 and secp224r1: below the 128-bit security level.
@@ -245,4 +267,29 @@ fn describe(name: &GeneralName<'_>) -> String {
         value.push('…');
     }
     format!("{kind}:{value}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rsa_moduli_are_measured_to_the_bit() {
+        for (modulus, bits) in [
+            (&[0x00, 0xff, 0x00][..], 16),
+            (&[0x7f, 0x00], 15),
+            (&[0x01], 1),
+            (&[0x00, 0x00, 0x01, 0x00], 9),
+            (&[0x40, 0x00, 0x00], 23),
+            (&[0x00], 0),
+            (&[], 0),
+        ] {
+            assert_eq!(rsa_bits(modulus), Ok(bits), "{modulus:02x?}");
+        }
+        assert!(matches!(
+            rsa_bits(&[0x80, 0x00]),
+            Err(CsrError::Malformed(_))
+        ));
+        assert!(matches!(rsa_bits(&[0xff]), Err(CsrError::Malformed(_))));
+    }
 }

@@ -7,7 +7,7 @@ use palisade_runtime::metrics::LabelValue;
 use rcgen::{IsCa, SanType};
 use x509_parser::{extensions::GeneralName, prelude::*};
 
-use super::{CaFiles, Issuer, IssuerError, LifetimePolicy, SignError, signer::sign};
+use super::{CaFiles, Issuer, IssuerError, LifetimePolicy, SignError, csr, signer::sign};
 use crate::testing::{TestCa, csr, uri};
 
 const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
@@ -346,4 +346,195 @@ fn broken_issuers_are_refused_with_a_clear_reason() {
     // bundle with several roots.
     Issuer::from_files(&intermediate.files(&[], &[&other_root, &root]), now)
         .expect("intermediate under a bundled root");
+}
+
+// --- csr::check on its own: keys, signatures, sizes, names ---
+//
+// Keys rcgen cannot make (weak, odd-sized or exotic ones) come as CSRs made
+// once with OpenSSL 3 and kept in `testdata/`; `testdata/README.md` has the
+// commands.
+
+/// A CSR from `testdata/`.
+macro_rules! fixture {
+    ($name:literal) => {
+        include_bytes!(concat!("testdata/", $name, ".der")).as_slice()
+    };
+}
+
+fn check(der: &[u8]) -> Result<csr::CheckedCsr, csr::CsrError> {
+    csr::check(der, &web())
+}
+
+fn refusal(name: &str, der: &[u8]) -> csr::CsrError {
+    match check(der) {
+        Ok(checked) => panic!("{name}: accepted as {}", checked.key_type),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn every_accepted_key_type_is_named() {
+    let generated = |alg: &'static rcgen::SignatureAlgorithm| {
+        let key = rcgen::KeyPair::generate_for(alg).expect("keygen");
+        crate::testing::csr_for(&key, vec![uri(WEB)], IsCa::NoCa)
+    };
+    let cases: [(&str, Vec<u8>, &str); 5] = [
+        (
+            "P-256",
+            generated(&rcgen::PKCS_ECDSA_P256_SHA256),
+            "ecdsa-p256",
+        ),
+        (
+            "P-384",
+            generated(&rcgen::PKCS_ECDSA_P384_SHA384),
+            "ecdsa-p384",
+        ),
+        ("Ed25519", generated(&rcgen::PKCS_ED25519), "ed25519"),
+        (
+            "RSA 2048, the smallest",
+            fixture!("rsa2048").to_vec(),
+            "rsa",
+        ),
+        ("RSA 8192, the largest", fixture!("rsa8192").to_vec(), "rsa"),
+    ];
+    for (name, der, key_type) in cases {
+        let checked = check(&der).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(checked.key_type, key_type, "{name}");
+    }
+}
+
+#[test]
+fn weak_and_unsupported_keys_are_refused_by_name() {
+    use csr::CsrError::{UnsupportedKey, WeakKey};
+    type Expected = fn(&csr::CsrError) -> bool;
+    let cases: [(&str, &[u8], Expected); 7] = [
+        (
+            "RSA 1024",
+            fixture!("rsa1024"),
+            |e| matches!(e, WeakKey(m) if m.starts_with("RSA 1024 bits")),
+        ),
+        (
+            "RSA 2047, one bit short",
+            fixture!("rsa2047"),
+            |e| matches!(e, WeakKey(m) if m == "RSA 2047 bits, at least 2048 are required"),
+        ),
+        (
+            "RSA 8200, above the largest",
+            fixture!("rsa8200"),
+            |e| matches!(e, UnsupportedKey(m) if m.starts_with("RSA 8200 bits")),
+        ),
+        (
+            "P-192",
+            fixture!("p192"),
+            |e| matches!(e, WeakKey(m) if m.contains("1.2.840.10045.3.1.1")),
+        ),
+        (
+            "P-224",
+            fixture!("p224"),
+            |e| matches!(e, WeakKey(m) if m.contains("1.3.132.0.33")),
+        ),
+        (
+            "secp256k1",
+            fixture!("k256"),
+            |e| matches!(e, UnsupportedKey(m) if m.contains("1.3.132.0.10")),
+        ),
+        (
+            "DSA",
+            fixture!("dsa2048"),
+            |e| matches!(e, UnsupportedKey(m) if m.starts_with("key algorithm")),
+        ),
+    ];
+    for (name, der, expected) in cases {
+        let err = refusal(name, der);
+        assert!(expected(&err), "{name}: {err:?}");
+    }
+    assert_eq!(
+        refusal("RSA 1024", fixture!("rsa1024")).reason().as_str(),
+        "weak_key"
+    );
+    assert_eq!(
+        refusal("DSA", fixture!("dsa2048")).reason().as_str(),
+        "unsupported_key"
+    );
+}
+
+#[test]
+fn a_sha1_signature_is_refused_although_it_verifies() {
+    let err = refusal("ECDSA with SHA-1", fixture!("p256sha1"));
+    assert_eq!(
+        err,
+        csr::CsrError::UnsupportedSignature("1.2.840.10045.4.1".into())
+    );
+    assert_eq!(err.reason().as_str(), "unsupported_signature");
+}
+
+#[test]
+fn the_size_bound_is_inclusive() {
+    let at_bound = vec![0x30; csr::MAX_CSR_LEN];
+    assert!(
+        matches!(
+            refusal("at the bound", &at_bound),
+            csr::CsrError::Malformed(_)
+        ),
+        "{} bytes are parsed, not refused for size",
+        csr::MAX_CSR_LEN
+    );
+    assert_eq!(
+        refusal("one byte over", &vec![0x30; csr::MAX_CSR_LEN + 1]),
+        csr::CsrError::TooLarge(csr::MAX_CSR_LEN + 1)
+    );
+    assert_eq!(csr::MAX_CSR_LEN, 16 * 1024);
+}
+
+#[test]
+fn an_extension_that_does_not_parse_is_refused() {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("keygen");
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    // A subjectAltName whose value is an OCTET STRING, not a sequence of names.
+    params.custom_extensions = vec![rcgen::CustomExtension::from_oid_content(
+        &[2, 5, 29, 17],
+        vec![0x04, 0x01, 0xff],
+    )];
+    let der = params.serialize_request(&key).expect("CSR").der().to_vec();
+    let err = refusal("garbled SAN", &der);
+    assert!(matches!(err, csr::CsrError::BadExtension(_)), "{err:?}");
+    assert_eq!(err.reason().as_str(), "malformed_csr");
+}
+
+#[test]
+fn refused_names_are_quoted_short_and_without_control_characters() {
+    let dns = |name: &str| {
+        csr(
+            vec![SanType::DnsName(name.try_into().expect("ia5"))],
+            IsCa::NoCa,
+        )
+    };
+    assert_eq!(
+        refusal("DNS", &dns("evil.example")),
+        csr::CsrError::ForeignName("DNS:evil.example".into())
+    );
+    assert_eq!(
+        refusal("control characters", &dns("evil\u{7}\u{1b}.example")),
+        csr::CsrError::ForeignName("DNS:evil.example".into())
+    );
+    let long = "a".repeat(300);
+    assert_eq!(
+        refusal("long", &dns(&long)),
+        csr::CsrError::ForeignName(format!("DNS:{}…", "a".repeat(128)))
+    );
+    assert_eq!(
+        refusal("just short enough", &dns(&"b".repeat(127))),
+        csr::CsrError::ForeignName(format!("DNS:{}", "b".repeat(127)))
+    );
+    assert_eq!(
+        refusal(
+            "IP",
+            &csr(
+                vec![SanType::IpAddress("198.18.0.1".parse().expect("ip"))],
+                IsCa::NoCa,
+            ),
+        ),
+        csr::CsrError::ForeignName("IP:c6120001".into())
+    );
 }

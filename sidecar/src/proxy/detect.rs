@@ -176,6 +176,68 @@ mod tests {
         assert!(matches!(err, DetectError::Closed(n) if n == hello.len() / 2));
     }
 
+    /// Writes `bytes` into a pipe that holds 512 bytes at a time, so the
+    /// reader sees them in many small reads; the writer stays open.
+    fn trickle(bytes: Vec<u8>) -> (tokio::task::JoinHandle<()>, tokio::io::DuplexStream) {
+        let (mut tx, rx) = tokio::io::duplex(512);
+        let writer = tokio::spawn(async move {
+            tokio::io::AsyncWriteExt::write_all(&mut tx, &bytes)
+                .await
+                .expect("write");
+            // Hold the connection open: the verdict must not depend on EOF.
+            std::future::pending::<()>().await;
+        });
+        (writer, rx)
+    }
+
+    #[tokio::test]
+    async fn a_large_client_hello_arriving_in_pieces_is_still_recognised() {
+        // 40 protocols of 250 bytes: a ClientHello of about 11 KiB.
+        let long: Vec<Vec<u8>> = (0..40u8).map(|i| vec![b'a' + i % 26; 250]).collect();
+        let mut alpn: Vec<&[u8]> = long.iter().map(Vec::as_slice).collect();
+        alpn.push(MESH_ALPN);
+        let hello = client_hello(&alpn);
+        assert!(hello.len() > 10 * 1024, "{} bytes", hello.len());
+        let (writer, mut rx) = trickle(hello.clone());
+        let (protocol, bytes) = detect(&mut rx, Duration::from_secs(5))
+            .await
+            .expect("detect");
+        writer.abort();
+        assert_eq!(protocol, Protocol::MeshTls);
+        assert_eq!(bytes, hello);
+    }
+
+    #[tokio::test]
+    async fn a_client_hello_that_never_ends_is_bad_tls_within_the_byte_bound() {
+        // Handshake records that promise one ClientHello of 0xffff bytes and
+        // never finish it: a client feeding bytes slowly forever. rustls'
+        // record buffer (about 18 KiB) gives up first; `MAX_DETECT_BYTES` is
+        // the bound behind it.
+        let mut stream = Vec::new();
+        let mut body = vec![0x01, 0x00, 0xff, 0xff];
+        body.resize(0xffff + 4, 0);
+        for chunk in body.chunks(16 * 1024) {
+            stream.extend_from_slice(&[HANDSHAKE, 0x03, 0x01]);
+            stream.extend_from_slice(&u16::try_from(chunk.len()).expect("record").to_be_bytes());
+            stream.extend_from_slice(chunk);
+        }
+        stream.truncate(MAX_DETECT_BYTES);
+        let (writer, mut rx) = trickle(stream);
+        let started = std::time::Instant::now();
+        let (protocol, bytes) = detect(&mut rx, Duration::from_secs(30))
+            .await
+            .expect("a verdict");
+        writer.abort();
+        assert_eq!(protocol, Protocol::BadTls);
+        assert!(
+            bytes.len() <= MAX_DETECT_BYTES,
+            "{} bytes read",
+            bytes.len()
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert_eq!(MAX_DETECT_BYTES, 64 * 1024);
+    }
+
     #[tokio::test]
     async fn the_bytes_read_are_handed_back() {
         let hello = client_hello(&[MESH_ALPN]);

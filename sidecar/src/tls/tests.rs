@@ -7,9 +7,16 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, Issuer,
     KeyPair, KeyUsagePurpose, SanType,
 };
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::{
+    client::danger::ServerCertVerifier,
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime},
+    server::danger::ClientCertVerifier,
+};
 
-use super::{CertStore, Material, StoreError, Verification};
+use super::{
+    CertStore, Material, StoreError, Verification,
+    verifier::{IdentityError, spiffe_id},
+};
 use crate::{metrics::LabelValue, proxy::handshake::classify_tls};
 
 const ID: &str = "spiffe://cluster.local/ns/a/sa/app";
@@ -35,14 +42,26 @@ fn leaf(
     from: SystemTime,
     to: SystemTime,
 ) -> (CertificateDer<'static>, KeyPair) {
+    let usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    leaf_for(ca, sans, from, to, usages)
+}
+
+/// A leaf with only the given extended key usages.
+fn leaf_for(
+    ca: &Ca,
+    sans: Vec<SanType>,
+    from: SystemTime,
+    to: SystemTime,
+    usages: Vec<ExtendedKeyUsagePurpose>,
+) -> (CertificateDer<'static>, KeyPair) {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("keygen");
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
     params.subject_alt_names = sans;
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+    params.extended_key_usages = usages;
     params.not_before = from.into();
     params.not_after = to.into();
     let issuer = Issuer::from_params(&ca.params, &ca.key);
@@ -158,6 +177,158 @@ fn verifiers_accept_a_good_chain_and_name_each_failure() {
             assert_eq!(classify_tls(&err).as_str(), reason, "{name}: {err}");
         }
     }
+}
+
+#[test]
+fn the_server_verifier_pins_the_expected_identity() {
+    let ca = ca();
+    let verification = Verification::new(std::slice::from_ref(&ca.der), td()).expect("anchors");
+    let t = now();
+    let good = leaf(&ca, vec![uri(ID)], t - hour(), t + hour()).0;
+    let name = ServerName::try_from("palisade.invalid").expect("name");
+    let verify = |expected: Option<&str>| {
+        verification
+            .server_verifier(expected.map(|e| SpiffeId::parse(e).expect("valid")))
+            .verify_server_cert(&good, &[], &name, &[], unix(t))
+    };
+    verify(Some(ID)).expect("the expected identity answers");
+    verify(None).expect("without an expectation, any identity of the trust domain");
+    for other in [
+        "spiffe://cluster.local/ns/a/sa/app2",
+        "spiffe://cluster.local/ns/b/sa/app",
+    ] {
+        let err = verify(Some(other)).expect_err(other);
+        assert_eq!(
+            classify_tls(&err).as_str(),
+            "unexpected_identity",
+            "{other}: {err}"
+        );
+        let rustls::Error::InvalidCertificate(rustls::CertificateError::Other(why)) = &err else {
+            panic!("{other}: {err:?}");
+        };
+        assert_eq!(
+            why.0.downcast_ref::<IdentityError>(),
+            Some(&IdentityError::Unexpected {
+                peer: ID.into(),
+                expected: other.into(),
+            })
+        );
+    }
+    // A good identity does not excuse a bad chain.
+    let stranger = leaf(&self::ca(), vec![uri(ID)], t - hour(), t + hour()).0;
+    let err = verification
+        .server_verifier(Some(SpiffeId::parse(ID).expect("valid")))
+        .verify_server_cert(&stranger, &[], &name, &[], unix(t))
+        .expect_err("other CA");
+    assert_eq!(classify_tls(&err).as_str(), "unknown_ca");
+}
+
+#[test]
+fn the_client_verifier_requires_a_client_certificate_for_client_use() {
+    let ca = ca();
+    let verification = Verification::new(std::slice::from_ref(&ca.der), td()).expect("anchors");
+    let client = verification.client_verifier();
+    assert!(
+        client.client_auth_mandatory(),
+        "a client certificate is required"
+    );
+    assert!(client.offer_client_auth());
+    assert!(
+        client.root_hint_subjects().is_empty(),
+        "no CA names are sent to clients"
+    );
+
+    let t = now();
+    let name = ServerName::try_from("palisade.invalid").expect("name");
+    let server_only = leaf_for(
+        &ca,
+        vec![uri(ID)],
+        t - hour(),
+        t + hour(),
+        vec![ExtendedKeyUsagePurpose::ServerAuth],
+    )
+    .0;
+    let client_only = leaf_for(
+        &ca,
+        vec![uri(ID)],
+        t - hour(),
+        t + hour(),
+        vec![ExtendedKeyUsagePurpose::ClientAuth],
+    )
+    .0;
+    client
+        .verify_client_cert(&client_only, &[], unix(t))
+        .expect("a client certificate verifies as a client");
+    let err = client
+        .verify_client_cert(&server_only, &[], unix(t))
+        .expect_err("a server-only certificate is no client certificate");
+    assert_eq!(classify_tls(&err).as_str(), "bad_certificate", "{err}");
+    let server = verification.server_verifier(None);
+    server
+        .verify_server_cert(&server_only, &[], &name, &[], unix(t))
+        .expect("a server certificate verifies as a server");
+    server
+        .verify_server_cert(&client_only, &[], &name, &[], unix(t))
+        .expect_err("a client-only certificate is no server certificate");
+    // Both sides name the handshake signatures the provider can check.
+    assert!(!client.supported_verify_schemes().is_empty());
+    assert_eq!(
+        client.supported_verify_schemes(),
+        server.supported_verify_schemes()
+    );
+}
+
+#[test]
+fn the_identity_is_the_one_uri_san() {
+    let ca = ca();
+    let t = now();
+    let with = |sans| leaf(&ca, sans, t - hour(), t + hour()).0;
+    assert_eq!(
+        spiffe_id(&with(vec![uri(ID)])),
+        Ok(SpiffeId::parse(ID).expect("valid"))
+    );
+    assert_eq!(
+        spiffe_id(&with(vec![
+            SanType::DnsName("a.example".try_into().expect("ia5")),
+            uri(ID),
+        ])),
+        Ok(SpiffeId::parse(ID).expect("valid")),
+        "other kinds of names beside it do not count"
+    );
+    assert_eq!(
+        spiffe_id(&with(vec![uri(ID), uri(ID)])),
+        Err(IdentityError::SeveralUriSans(2))
+    );
+    assert_eq!(
+        spiffe_id(&with(vec![uri(ID), uri(ID), uri(ID)])),
+        Err(IdentityError::SeveralUriSans(3))
+    );
+    assert_eq!(
+        spiffe_id(&with(vec![SanType::DnsName(
+            "a.example".try_into().expect("ia5")
+        )])),
+        Err(IdentityError::NoUriSan)
+    );
+    assert_eq!(spiffe_id(&with(vec![])), Err(IdentityError::NoUriSan));
+    assert!(matches!(
+        spiffe_id(&with(vec![uri("spiffe://cluster.local/a//b")])),
+        Err(IdentityError::NotSpiffe(_))
+    ));
+    assert_eq!(
+        spiffe_id(&CertificateDer::from(vec![0x30, 0x00])),
+        Err(IdentityError::Unparsable)
+    );
+}
+
+#[test]
+fn a_bundle_root_webpki_cannot_use_is_an_error() {
+    assert!(
+        Verification::new(
+            &[CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00])],
+            td()
+        )
+        .is_err()
+    );
 }
 
 #[test]
