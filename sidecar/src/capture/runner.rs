@@ -3,12 +3,12 @@
 
 use std::{
     env,
-    io::{Read, Write},
+    io::{self, Read, Write},
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    process::{Command, ExitStatus, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     thread::{self, JoinHandle},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tracing::{debug, warn};
@@ -154,6 +154,19 @@ impl Runner {
     }
 }
 
+/// Waits for `child` until `deadline`: `None` if it is still running then.
+/// `wait_timeout` may wake a little early, so the deadline is checked again.
+fn wait_until(child: &mut Child, deadline: Instant) -> io::Result<Option<ExitStatus>> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match child.wait_timeout(left)? {
+            Some(status) => return Ok(Some(status)),
+            None if Instant::now() >= deadline => return Ok(None),
+            None => {}
+        }
+    }
+}
+
 /// Runs `command` (shown as `shown`), feeding it `stdin`, and waits for it at
 /// most `timeout`; a command still running then is killed.
 ///
@@ -180,6 +193,7 @@ pub(crate) fn execute(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = command.spawn().map_err(spawn_error)?;
+    let started = Instant::now();
     // Pipes are drained, and stdin fed, on their own threads, so a chatty tool
     // cannot block on a full pipe while we wait for it, nor we on its stdin.
     let stdout = child.stdout.take().map(drain);
@@ -192,7 +206,7 @@ pub(crate) fn execute(
         _ => None,
     };
 
-    let Some(status) = child.wait_timeout(timeout).map_err(spawn_error)? else {
+    let Some(status) = wait_until(&mut child, started + timeout).map_err(spawn_error)? else {
         // Best effort: the child may have exited since the deadline. The pipe
         // threads are left to finish on their own: a grandchild holding a
         // pipe open must not hang us as well.
