@@ -13,6 +13,7 @@
 //! - [`tls`]: TLS for the gRPC and webhook servers: one configuration, one
 //!   bounded accept loop.
 //! - [`inject`]: the sidecar-injection webhook (HTTPS, 15017).
+//! - [`discovery`]: which pod answers at which address, for the sidecars.
 //! - [`publish`]: writes the trust bundle into the cluster (webhook `caBundle`,
 //!   per-namespace ConfigMaps).
 //! - [`metrics`]: the Prometheus metrics.
@@ -23,6 +24,7 @@ pub mod app;
 pub mod authn;
 pub mod ca;
 pub mod config;
+pub mod discovery;
 pub mod grpc;
 pub mod inject;
 pub mod metrics;

@@ -1,0 +1,309 @@
+//! The discovery model on Pods as the API server reports them.
+
+use std::{collections::BTreeSet, net::IpAddr};
+
+use k8s_openapi::api::core::v1::Pod;
+use palisade_proto::{SpiffeId, SpiffeIdError, TrustDomain};
+use serde_json::json;
+
+use super::{Claim, Directory, Resolution, Workload};
+
+fn td() -> TrustDomain {
+    TrustDomain::parse("cluster.local").expect("valid")
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("address")
+}
+
+fn id(s: &str) -> SpiffeId {
+    SpiffeId::parse(s).expect("valid")
+}
+
+/// A pod of `ns`/`name` (UID `uid`) on `address`, with the injected
+/// sidecar as a native sidecar when `meshed`.
+fn pod(uid: &str, ns: &str, name: &str, account: &str, address: &str, meshed: bool) -> Pod {
+    let mut init = vec![json!({"name": "palisade-init", "image": "palisade"})];
+    if meshed {
+        init.push(
+            json!({"name": "palisade-sidecar", "image": "palisade", "restartPolicy": "Always"}),
+        );
+    }
+    serde_json::from_value(json!({
+        "metadata": {"namespace": ns, "name": name, "uid": uid},
+        "spec": {
+            "serviceAccountName": account,
+            "initContainers": init,
+            "containers": [{"name": "app", "image": "app"}],
+        },
+        "status": {"phase": "Running", "podIP": address, "podIPs": [{"ip": address}]},
+    }))
+    .expect("a pod")
+}
+
+fn with(mut pod: Pod, change: impl FnOnce(&mut serde_json::Value)) -> Pod {
+    let mut value = serde_json::to_value(&pod).expect("serializes");
+    change(&mut value);
+    pod = serde_json::from_value(value).expect("still a pod");
+    pod
+}
+
+fn claim(pod: &Pod) -> Option<Claim> {
+    Workload::of(pod, &td()).map(|w| w.claim)
+}
+
+const B: &str = "spiffe://cluster.local/ns/shop/sa/b";
+
+#[test]
+fn a_pod_with_the_injected_sidecar_is_meshed_under_its_service_account() {
+    let b = pod("u1", "shop", "b-1", "b", "198.18.0.2", true);
+    assert_eq!(claim(&b), Some(Claim::Meshed(id(B))));
+    let workload = Workload::of(&b, &td()).expect("live");
+    assert_eq!(workload.name, "shop/b-1");
+    assert_eq!(workload.addresses, [ip("198.18.0.2")]);
+
+    // No service account named: the namespace's `default`, as Kubernetes does.
+    let unnamed = with(b.clone(), |v| {
+        v["spec"]
+            .as_object_mut()
+            .expect("spec")
+            .remove("serviceAccountName");
+    });
+    assert_eq!(
+        claim(&unnamed),
+        Some(Claim::Meshed(id(
+            "spiffe://cluster.local/ns/shop/sa/default"
+        )))
+    );
+
+    // The sidecar as an ordinary container (clusters without native sidecars).
+    let classic = with(pod("u2", "shop", "b-2", "b", "198.18.0.3", false), |v| {
+        v["spec"]["containers"]
+            .as_array_mut()
+            .expect("containers")
+            .push(json!({"name": "palisade-sidecar", "image": "palisade"}));
+    });
+    assert_eq!(claim(&classic), Some(Claim::Meshed(id(B))));
+}
+
+#[test]
+fn labels_and_annotations_never_decide_membership() {
+    let says_injected = with(pod("u1", "shop", "m", "m", "198.18.0.4", false), |v| {
+        v["metadata"]["labels"] = json!({"palisade.io/injected": "true"});
+        v["metadata"]["annotations"] = json!({
+            "palisade.io/injected": "true",
+            "palisade.io/identity": B,
+        });
+    });
+    assert_eq!(claim(&says_injected), Some(Claim::Unmeshed));
+
+    let says_not = with(pod("u2", "shop", "b", "b", "198.18.0.5", true), |v| {
+        v["metadata"]["annotations"] = json!({"palisade.io/inject": "false"});
+        v["metadata"]["labels"] = json!({});
+    });
+    assert_eq!(claim(&says_not), Some(Claim::Meshed(id(B))));
+
+    // A container merely named like ours but elsewhere in the pod does not count.
+    let ephemeral = with(pod("u3", "shop", "e", "e", "198.18.0.6", false), |v| {
+        v["spec"]["ephemeralContainers"] =
+            json!([{"name": "palisade-sidecar", "image": "palisade"}]);
+    });
+    assert_eq!(claim(&ephemeral), Some(Claim::Unmeshed));
+}
+
+#[test]
+fn only_pending_or_running_pods_with_an_address_claim_it() {
+    let base = pod("u1", "shop", "b", "b", "198.18.0.2", true);
+    for phase in ["Succeeded", "Failed", "Unknown"] {
+        let ended = with(base.clone(), |v| v["status"]["phase"] = json!(phase));
+        assert_eq!(claim(&ended), None, "{phase}");
+    }
+    let no_phase = with(base.clone(), |v| {
+        v["status"].as_object_mut().expect("status").remove("phase");
+    });
+    assert_eq!(claim(&no_phase), None);
+    let pending = with(base.clone(), |v| v["status"]["phase"] = json!("Pending"));
+    assert_eq!(claim(&pending), Some(Claim::Meshed(id(B))));
+    let no_ip = with(pending, |v| v["status"] = json!({"phase": "Pending"}));
+    assert_eq!(claim(&no_ip), None);
+    let garbage_ip = with(base.clone(), |v| {
+        v["status"]["podIP"] = json!("not-an-ip");
+        v["status"]["podIPs"] = json!([{"ip": "999.1.1.1"}]);
+    });
+    assert_eq!(claim(&garbage_ip), None, "an address must parse");
+    // A terminating pod still answers at its address.
+    let terminating = with(base, |v| {
+        v["metadata"]["deletionTimestamp"] = json!("2026-12-01T00:00:00Z");
+    });
+    assert_eq!(claim(&terminating), Some(Claim::Meshed(id(B))));
+}
+
+#[test]
+fn dual_stack_pods_claim_every_address() {
+    let b = with(pod("u1", "shop", "b", "b", "198.18.0.2", true), |v| {
+        v["status"]["podIPs"] = json!([{"ip": "198.18.0.2"}, {"ip": "2001:db8::2"}, {"ip": "bad"}]);
+    });
+    let mut directory = Directory::default();
+    let changed = directory.apply(&b, &td());
+    assert_eq!(
+        changed,
+        BTreeSet::from([ip("198.18.0.2"), ip("2001:db8::2")])
+    );
+    for address in ["198.18.0.2", "2001:db8::2"] {
+        assert_eq!(
+            directory.resolve(ip(address)),
+            Some(Resolution::Meshed(id(B)))
+        );
+    }
+}
+
+#[test]
+fn host_network_pods_are_their_nodes_address_and_never_meshed() {
+    let host = |uid: &str, meshed: bool| {
+        with(
+            pod(uid, "kube-system", uid, "agent", "198.18.1.1", meshed),
+            |v| {
+                v["spec"]["hostNetwork"] = json!(true);
+            },
+        )
+    };
+    assert_eq!(claim(&host("h1", true)), Some(Claim::Host));
+    let mut directory = Directory::default();
+    directory.apply(&host("h1", true), &td());
+    directory.apply(&host("h2", false), &td());
+    assert_eq!(
+        directory.resolve(ip("198.18.1.1")),
+        Some(Resolution::Unmeshed),
+        "node addresses are shared by host-network pods"
+    );
+    // A pod-network pod on a node's address is no normal state: fail closed.
+    directory.apply(&pod("p1", "shop", "b", "b", "198.18.1.1", true), &td());
+    assert_eq!(
+        directory.resolve(ip("198.18.1.1")),
+        Some(Resolution::Conflict)
+    );
+}
+
+#[test]
+fn an_address_reused_while_the_old_pod_terminates_fails_closed_until_it_is_gone() {
+    let mut directory = Directory::default();
+    let b = pod("u-b", "shop", "b", "b", "198.18.0.2", true);
+    directory.apply(&b, &td());
+    assert_eq!(
+        directory.resolve(ip("198.18.0.2")),
+        Some(Resolution::Meshed(id(B)))
+    );
+
+    // Another workload gets the address while `b` is still terminating.
+    let m = pod("u-m", "evil", "m", "m", "198.18.0.2", true);
+    assert_eq!(
+        directory.apply(&m, &td()),
+        BTreeSet::from([ip("198.18.0.2")])
+    );
+    assert_eq!(
+        directory.resolve(ip("198.18.0.2")),
+        Some(Resolution::Conflict)
+    );
+    assert_eq!(directory.claimants(ip("198.18.0.2")).len(), 2);
+
+    // Gone: the address follows the new pod, with the new pod's identity.
+    assert_eq!(directory.delete(&b), BTreeSet::from([ip("198.18.0.2")]));
+    assert_eq!(
+        directory.resolve(ip("198.18.0.2")),
+        Some(Resolution::Meshed(id(
+            "spiffe://cluster.local/ns/evil/sa/m"
+        )))
+    );
+
+    // Two live pods fail closed even when they would expect the same identity,
+    // and a pod recreated under the same name is another pod (another UID).
+    let again = pod("u-b2", "evil", "m", "m", "198.18.0.2", true);
+    directory.apply(&again, &td());
+    assert_eq!(
+        directory.resolve(ip("198.18.0.2")),
+        Some(Resolution::Conflict)
+    );
+    // An unmeshed claimant conflicts as well: no plain TCP to a contested address.
+    directory.delete(&again);
+    directory.apply(&pod("u-x", "shop", "x", "x", "198.18.0.2", false), &td());
+    assert_eq!(
+        directory.resolve(ip("198.18.0.2")),
+        Some(Resolution::Conflict)
+    );
+}
+
+#[test]
+fn an_update_moves_the_claim_and_a_finished_pod_frees_its_address() {
+    let mut directory = Directory::default();
+    let b = pod("u-b", "shop", "b", "b", "198.18.0.2", true);
+    directory.apply(&b, &td());
+    let moved = with(b.clone(), |v| {
+        v["status"]["podIP"] = json!("198.18.0.7");
+        v["status"]["podIPs"] = json!([{"ip": "198.18.0.7"}]);
+    });
+    assert_eq!(
+        directory.apply(&moved, &td()),
+        BTreeSet::from([ip("198.18.0.2"), ip("198.18.0.7")])
+    );
+    assert_eq!(directory.resolve(ip("198.18.0.2")), None);
+    assert_eq!(
+        directory.resolve(ip("198.18.0.7")),
+        Some(Resolution::Meshed(id(B)))
+    );
+
+    let done = with(moved, |v| v["status"]["phase"] = json!("Succeeded"));
+    assert_eq!(
+        directory.apply(&done, &td()),
+        BTreeSet::from([ip("198.18.0.7")])
+    );
+    assert_eq!(directory.resolve(ip("198.18.0.7")), None);
+    assert_eq!(directory.workloads(), 0);
+    assert!(directory.delete(&done).is_empty(), "already gone");
+}
+
+#[test]
+fn an_unmeshed_pod_is_plain_tcp_and_an_unidentifiable_one_fails_closed() {
+    let mut directory = Directory::default();
+    directory.apply(&pod("u-db", "data", "db", "db", "198.18.0.8", false), &td());
+    assert_eq!(
+        directory.resolve(ip("198.18.0.8")),
+        Some(Resolution::Unmeshed)
+    );
+
+    // Bytes from the API server are parsed like any other input.
+    let odd = pod("u-odd", "shop", "odd", "a/b", "198.18.0.9", true);
+    assert_eq!(
+        claim(&odd),
+        Some(Claim::Unidentifiable(SpiffeIdError::BadPathChar))
+    );
+    directory.apply(&odd, &td());
+    assert_eq!(
+        directory.resolve(ip("198.18.0.9")),
+        Some(Resolution::Unidentifiable)
+    );
+    assert_eq!(directory.resolve(ip("198.18.0.10")), None, "unknown");
+}
+
+#[test]
+fn a_relist_replaces_everything_and_names_what_vanished() {
+    let mut directory = Directory::default();
+    directory.apply(&pod("u-a", "shop", "a", "a", "198.18.0.1", true), &td());
+    directory.apply(&pod("u-b", "shop", "b", "b", "198.18.0.2", true), &td());
+    let relisted = [
+        pod("u-b", "shop", "b", "b", "198.18.0.2", true),
+        pod("u-c", "shop", "c", "c", "198.18.0.3", false),
+    ];
+    let changed = directory.replace_all(&relisted, &td());
+    assert_eq!(
+        changed,
+        BTreeSet::from([ip("198.18.0.1"), ip("198.18.0.2"), ip("198.18.0.3")])
+    );
+    assert_eq!(
+        directory.snapshot(),
+        [
+            (ip("198.18.0.2"), Resolution::Meshed(id(B))),
+            (ip("198.18.0.3"), Resolution::Unmeshed),
+        ]
+    );
+    assert_eq!(directory.workloads(), 2);
+}
