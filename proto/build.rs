@@ -1,5 +1,6 @@
-//! Generates the gRPC code for `proto/identity.proto` with the vendored `protoc`,
-//! so a fresh machine needs no system protobuf compiler.
+//! Generates the gRPC code for `proto/identity.proto` and
+//! `proto/discovery.proto` with the vendored `protoc`, so a fresh machine
+//! needs no system protobuf compiler.
 
 use std::path::PathBuf;
 
@@ -10,7 +11,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // The request carries a bearer token: its `Debug` is written by hand in lib.rs.
         .skip_debug(["palisade.identity.v1.CertifyRequest"])
-        .compile_with_config(config, &[PathBuf::from("proto/identity.proto")], &includes)?;
+        .compile_with_config(
+            config,
+            &[
+                PathBuf::from("proto/identity.proto"),
+                PathBuf::from("proto/discovery.proto"),
+            ],
+            &includes,
+        )?;
     println!("cargo:rerun-if-changed=proto/identity.proto");
+    println!("cargo:rerun-if-changed=proto/discovery.proto");
     Ok(())
 }

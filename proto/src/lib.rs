@@ -2,10 +2,14 @@
 //!
 //! - [`identity::v1`]: the `Identity` gRPC service (`Certify`), generated from
 //!   `proto/identity.proto`.
+//! - [`discovery`]: the `Discovery` gRPC service (`Watch`), generated from
+//!   `proto/discovery.proto`, and [`discovery::Resolution`], what an address
+//!   must answer with, with its checked wire form.
 //! - [`spiffe`]: [`SpiffeId`], the workload identity both sides parse once and pass around.
 
 #![forbid(unsafe_code)]
 
+pub mod discovery;
 pub mod spiffe;
 
 pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};

@@ -23,25 +23,10 @@ use std::{
 };
 
 use k8s_openapi::api::core::v1::Pod;
+pub use palisade_proto::discovery::Resolution;
 use palisade_proto::{SpiffeId, SpiffeIdError, TrustDomain};
 
 use crate::inject::patch::SIDECAR_CONTAINER;
-
-/// What a sidecar dialling an address must be answered by.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Resolution {
-    /// A meshed workload: mesh TLS, and the server must present exactly this
-    /// identity.
-    Meshed(SpiffeId),
-    /// A pod without a sidecar, or a node address: plain TCP.
-    Unmeshed,
-    /// More than one live pod claims the address: refuse until one is gone.
-    Conflict,
-    /// A pod with a sidecar whose identity cannot be derived (its service
-    /// account is not one path segment): refuse; it can get no certificate
-    /// either, and plain TCP to it would be a downgrade.
-    Unidentifiable,
-}
 
 /// What one live pod claims at its addresses.
 #[derive(Clone, Debug, PartialEq, Eq)]
