@@ -4,10 +4,12 @@
 //! - [`model`]: which live pod claims which address, and what the address
 //!   answers with (`Meshed` with the exact identity, `Unmeshed`, or failing
 //!   closed on a conflict). Built from Pods as the API server reports them.
+//! - [`file`]: the same model in YAML (the `file` source).
 //!
 //! The sources that feed it (kube-rs watchers, a watched file) and the
 //! stream to the sidecars come next (issue 13).
 
+pub mod file;
 pub mod model;
 
 pub use self::model::{Claim, Directory, Resolution, Workload};

@@ -153,12 +153,31 @@ impl Directory {
         changed
     }
 
+    /// A directory of exactly `workloads`, each with its key (the `file`
+    /// source). Returns every address whose resolution may have changed.
+    pub fn replace_workloads(
+        &mut self,
+        workloads: impl IntoIterator<Item = (String, Workload)>,
+    ) -> BTreeSet<IpAddr> {
+        let mut changed: BTreeSet<IpAddr> = self.by_address.keys().copied().collect();
+        self.pods.clear();
+        self.by_address.clear();
+        for (key, workload) in workloads {
+            changed.extend(self.put(key, Some(workload)));
+        }
+        changed
+    }
+
     /// Adds or updates `pod` (one that is no longer live is removed).
     /// Returns the addresses whose resolution may have changed.
     pub fn apply(&mut self, pod: &Pod, trust_domain: &TrustDomain) -> BTreeSet<IpAddr> {
-        let key = pod_key(pod);
+        self.put(pod_key(pod), Workload::of(pod, trust_domain))
+    }
+
+    /// Replaces what `key` claims with `workload`.
+    fn put(&mut self, key: String, workload: Option<Workload>) -> BTreeSet<IpAddr> {
         let mut changed = self.forget(&key);
-        if let Some(workload) = Workload::of(pod, trust_domain) {
+        if let Some(workload) = workload {
             for address in &workload.addresses {
                 self.by_address
                     .entry(*address)

@@ -307,3 +307,73 @@ fn a_relist_replaces_everything_and_names_what_vanished() {
     );
     assert_eq!(directory.workloads(), 2);
 }
+
+// --- the file source ---
+
+fn from_file(yaml: &str) -> Result<Directory, super::file::FileError> {
+    let mut directory = Directory::default();
+    directory.replace_workloads(super::file::parse(yaml, &td())?);
+    Ok(directory)
+}
+
+#[test]
+fn a_discovery_file_gives_the_same_model() {
+    let directory = from_file(
+        "workloads:\n  - name: shop/b\n    addresses: [198.18.0.2]\n    identity: spiffe://cluster.local/ns/shop/sa/b\n  - name: data/db\n    addresses: [198.18.0.8, \"2001:db8::8\"]\n    unmeshed: true\n  - addresses: [198.18.0.9]\n    identity: spiffe://cluster.local/ns/a/sa/a\n  - addresses: [198.18.0.9]\n    unmeshed: true\n",
+    )
+    .expect("valid");
+    assert_eq!(
+        directory.snapshot(),
+        [
+            (ip("198.18.0.2"), Resolution::Meshed(id(B))),
+            (ip("198.18.0.8"), Resolution::Unmeshed),
+            (ip("198.18.0.9"), Resolution::Conflict),
+            (ip("2001:db8::8"), Resolution::Unmeshed),
+        ]
+    );
+    assert_eq!(from_file("").expect("empty").workloads(), 0);
+    assert_eq!(from_file("workloads: []\n").expect("none").workloads(), 0);
+}
+
+#[test]
+fn a_bad_discovery_file_is_refused_naming_the_workload() {
+    use super::file::FileError as E;
+    let one = |entry: &str| {
+        format!("workloads:\n  - addresses: [198.18.0.1]\n    unmeshed: true\n  - {entry}\n")
+    };
+    type Expected = fn(&E) -> bool;
+    let cases: [(String, Expected); 7] = [
+        (one("addresses: [198.18.0.300]\n    unmeshed: true"), |e| {
+            matches!(e, E::BadAddress { workload: 2, .. })
+        }),
+        (one("addresses: []\n    unmeshed: true"), |e| {
+            matches!(e, E::NoAddress { workload: 2 })
+        }),
+        (one("addresses: [198.18.0.2]"), |e| {
+            matches!(e, E::IdentityOrUnmeshed { workload: 2 })
+        }),
+        (
+            one(
+                "addresses: [198.18.0.2]\n    unmeshed: true\n    identity: spiffe://cluster.local/ns/a/sa/a",
+            ),
+            |e| matches!(e, E::IdentityOrUnmeshed { workload: 2 }),
+        ),
+        (
+            one("addresses: [198.18.0.2]\n    identity: spiffe://cluster.local/ns//sa/a"),
+            |e| matches!(e, E::BadIdentity { workload: 2, .. }),
+        ),
+        (
+            one("addresses: [198.18.0.2]\n    identity: spiffe://evil.example/ns/a/sa/a"),
+            |e| matches!(e, E::ForeignTrustDomain { workload: 2, .. }),
+        ),
+        (
+            one("addresses: [198.18.0.2]\n    unmeshed: true\n    port: 80"),
+            |e| matches!(e, E::Syntax(m) if m.contains("unknown field `port`")),
+        ),
+    ];
+    for (yaml, expected) in cases {
+        let err = super::file::parse(&yaml, &td()).expect_err(&yaml);
+        assert!(expected(&err), "{yaml}: {err:?}");
+        assert!(!err.to_string().contains('\n'), "{err}");
+    }
+}
