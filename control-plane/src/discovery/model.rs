@@ -71,12 +71,8 @@ impl Workload {
             return None;
         }
         let mut addresses: Vec<IpAddr> = match &status.pod_ips {
-            Some(ips) if !ips.is_empty() => ips.iter().filter_map(|p| p.ip.parse().ok()).collect(),
-            _ => status
-                .pod_ip
-                .iter()
-                .filter_map(|ip| ip.parse().ok())
-                .collect(),
+            Some(ips) if !ips.is_empty() => ips.iter().filter_map(|p| parse_ip(&p.ip)).collect(),
+            _ => status.pod_ip.iter().filter_map(|ip| parse_ip(ip)).collect(),
         };
         addresses.sort_unstable();
         addresses.dedup();
@@ -106,6 +102,11 @@ impl Workload {
             claim,
         })
     }
+}
+
+/// An address as the API server writes it; IPv4-mapped IPv6 as IPv4.
+fn parse_ip(text: &str) -> Option<IpAddr> {
+    text.parse::<IpAddr>().ok().map(|ip| ip.to_canonical())
 }
 
 /// Whether the pod's spec holds the injected sidecar: the native sidecar (an
