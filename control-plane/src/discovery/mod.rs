@@ -5,14 +5,22 @@
 //!   answers with (`Meshed` with the exact identity, `Unmeshed`, or failing
 //!   closed on a conflict). Built from Pods as the API server reports them.
 //! - [`file`]: the same model in YAML (the `file` source).
+//! - [`kubernetes`]: the `kubernetes` source, a kube-rs watcher on Pods.
+//! - [`state`]: the state the sources write and the streams read: one
+//!   directory, a broadcast of changes, and whether the sources have synced.
 //!
 //! The sources that feed it (kube-rs watchers, a watched file) and the
 //! stream to the sidecars come next (issue 13).
 
 pub mod file;
+pub mod kubernetes;
 pub mod model;
+pub mod state;
 
-pub use self::model::{Claim, Directory, Resolution, Workload};
+pub use self::{
+    model::{Claim, Directory, Resolution, Workload},
+    state::{BindError, Discovery},
+};
 
 #[cfg(test)]
 mod tests;

@@ -377,3 +377,148 @@ fn a_bad_discovery_file_is_refused_naming_the_workload() {
         assert!(!err.to_string().contains('\n'), "{err}");
     }
 }
+
+// --- the kubernetes source and the shared state, against the stand-in API server ---
+
+mod against_the_api_server {
+    use std::{sync::Arc, time::Duration};
+
+    use palisade_tests::{eventually_async, kube::ApiServer};
+    use tokio::sync::broadcast;
+
+    use super::*;
+    use crate::discovery::{BindError, Discovery, kubernetes, state::Changes};
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    fn object(pod: &Pod) -> serde_json::Value {
+        serde_json::to_value(pod).expect("serializes")
+    }
+
+    /// The next batch of changes that mentions `address`.
+    async fn next_change(
+        rx: &mut broadcast::Receiver<Changes>,
+        address: &str,
+    ) -> Option<Resolution> {
+        let address = ip(address);
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let changes = rx.recv().await.expect("the broadcast stays open");
+                if let Some((_, r)) = changes.iter().find(|(a, _)| *a == address) {
+                    return r.clone();
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no change for {address} within {WAIT:?}"))
+    }
+
+    #[tokio::test]
+    async fn the_state_follows_every_pod_event_and_a_relist() {
+        let b = pod("u-b", "shop", "b", "b", "198.18.0.2", true);
+        let db = pod("u-db", "data", "db", "db", "198.18.0.8", false);
+        let api = ApiServer::builder()
+            .object(object(&b))
+            .object(object(&db))
+            .start()
+            .await
+            .expect("the stand-in starts");
+        let discovery = Discovery::new(td());
+        assert!(!discovery.is_synced());
+        let source = tokio::spawn(kubernetes::run(
+            api.client().expect("client"),
+            discovery.clone(),
+        ));
+        tokio::time::timeout(WAIT, discovery.synced())
+            .await
+            .expect("synced after the first list");
+        let (snapshot, mut rx) = discovery.subscribe();
+        assert_eq!(
+            snapshot,
+            [
+                (ip("198.18.0.2"), Resolution::Meshed(id(B))),
+                (ip("198.18.0.8"), Resolution::Unmeshed),
+            ]
+        );
+        assert_eq!(
+            discovery.bind(ip("198.18.0.2"), &id(B)),
+            Ok("shop/b".into())
+        );
+
+        // Another workload takes b's address while b terminates.
+        let m = pod("u-m", "evil", "m", "m", "198.18.0.2", true);
+        api.upsert(object(&m)).expect("created");
+        assert_eq!(
+            next_change(&mut rx, "198.18.0.2").await,
+            Some(Resolution::Conflict)
+        );
+        assert_eq!(
+            discovery.bind(ip("198.18.0.2"), &id(B)),
+            Err(BindError::Contested(ip("198.18.0.2")))
+        );
+        api.remove("pods", Some("shop"), "b").expect("deleted");
+        let m_id = id("spiffe://cluster.local/ns/evil/sa/m");
+        assert_eq!(
+            next_change(&mut rx, "198.18.0.2").await,
+            Some(Resolution::Meshed(m_id.clone()))
+        );
+        assert!(matches!(
+            discovery.bind(ip("198.18.0.2"), &id(B)),
+            Err(BindError::OtherIdentity { .. })
+        ));
+        assert_eq!(discovery.bind(ip("198.18.0.2"), &m_id), Ok("evil/m".into()));
+        assert_eq!(
+            discovery.bind(ip("198.18.0.3"), &m_id),
+            Err(BindError::NoPod(ip("198.18.0.3")))
+        );
+
+        // A finished pod frees its address.
+        let done = with(db, |v| v["status"]["phase"] = json!("Succeeded"));
+        api.upsert(object(&done)).expect("updated");
+        assert_eq!(next_change(&mut rx, "198.18.0.8").await, None);
+
+        // History compacted: 410, a relist, and the state is the list's.
+        api.expire_watches();
+        api.upsert(object(&pod("u-c", "shop", "c", "c", "198.18.0.3", true)))
+            .expect("created");
+        eventually_async(WAIT, "the pod created across the relist", || async {
+            discovery.resolve(ip("198.18.0.3"))
+        })
+        .await;
+        assert_eq!(
+            discovery.resolve(ip("198.18.0.2")),
+            Some(Resolution::Meshed(m_id))
+        );
+        assert_eq!(discovery.workloads(), 2);
+        let lists = api
+            .requests()
+            .iter()
+            .filter(|r| {
+                r.method == "GET" && r.path == "/api/v1/pods" && !r.query.contains("watch=true")
+            })
+            .count();
+        assert_eq!(lists, 2, "one list at start, one after the 410");
+
+        source.abort();
+        api.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_falls_behind_can_tell() {
+        let discovery: Arc<Discovery> = Discovery::new(td());
+        let (_, mut rx) = discovery.subscribe();
+        for i in 0..1100u32 {
+            let address = format!("198.18.{}.{}", i / 250, i % 250 + 1);
+            discovery.apply_pod(&pod(&format!("u{i}"), "shop", "p", "p", &address, true));
+        }
+        assert!(matches!(
+            rx.recv().await,
+            Err(broadcast::error::RecvError::Lagged(_))
+        ));
+        assert_eq!(
+            discovery.subscribe().0.len(),
+            1100,
+            "a fresh snapshot has it all"
+        );
+    }
+}

@@ -1,0 +1,166 @@
+//! The discovery state the sources write and the streams read.
+//!
+//! One [`Directory`] behind a lock, and a broadcast of what changed. A
+//! stream subscribes and takes its snapshot under the same lock, so it sees
+//! every change after its snapshot and none twice; a stream that falls
+//! behind the broadcast starts again from a fresh snapshot.
+
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+};
+
+use k8s_openapi::api::core::v1::Pod;
+use palisade_proto::{SpiffeId, TrustDomain};
+use tokio::sync::{broadcast, watch};
+
+use super::model::{Claim, Directory, Resolution, Workload};
+
+/// How many changes a slow stream may fall behind before it resyncs.
+const CHANGES_BUFFERED: usize = 1024;
+
+/// One batch of changes: each address with its new resolution, or `None`
+/// when no live pod claims it any more.
+pub type Changes = Arc<Vec<(IpAddr, Option<Resolution>)>>;
+
+/// What discovery knows, shared by its sources and its streams.
+#[derive(Debug)]
+pub struct Discovery {
+    trust_domain: TrustDomain,
+    directory: Mutex<Directory>,
+    changes: broadcast::Sender<Changes>,
+    synced: watch::Sender<bool>,
+}
+
+/// Why a caller's stream cannot be bound to a pod.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BindError {
+    #[error("no live pod has the address {0}")]
+    NoPod(IpAddr),
+    #[error("more than one live pod has the address {0}")]
+    Contested(IpAddr),
+    #[error("the pod at {address} ({pod}) is not a meshed workload of {identity}")]
+    OtherIdentity {
+        address: IpAddr,
+        pod: String,
+        identity: SpiffeId,
+    },
+}
+
+impl Discovery {
+    pub fn new(trust_domain: TrustDomain) -> Arc<Self> {
+        Arc::new(Self {
+            trust_domain,
+            directory: Mutex::new(Directory::default()),
+            changes: broadcast::channel(CHANGES_BUFFERED).0,
+            synced: watch::channel(false).0,
+        })
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Directory> {
+        // Every update leaves the directory whole; a panic elsewhere does not
+        // make it unusable.
+        self.directory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Replaces everything with `pods` (a list, or a relist).
+    pub fn replace_pods(&self, pods: &[Pod]) {
+        let mut directory = self.lock();
+        let changed = directory.replace_all(pods, &self.trust_domain);
+        self.publish(&directory, changed);
+    }
+
+    /// Replaces everything with `workloads` (the `file` source).
+    pub fn replace_workloads(&self, workloads: Vec<(String, Workload)>) {
+        let mut directory = self.lock();
+        let changed = directory.replace_workloads(workloads);
+        self.publish(&directory, changed);
+    }
+
+    /// A pod added or changed.
+    pub fn apply_pod(&self, pod: &Pod) {
+        let mut directory = self.lock();
+        let changed = directory.apply(pod, &self.trust_domain);
+        self.publish(&directory, changed);
+    }
+
+    /// A pod deleted.
+    pub fn delete_pod(&self, pod: &Pod) {
+        let mut directory = self.lock();
+        let changed = directory.delete(pod);
+        self.publish(&directory, changed);
+    }
+
+    fn publish(&self, directory: &Directory, changed: BTreeSet<IpAddr>) {
+        if changed.is_empty() {
+            return;
+        }
+        let changes: Vec<_> = changed
+            .into_iter()
+            .map(|address| (address, directory.resolve(address)))
+            .collect();
+        // No receiver is no error: no stream is open.
+        let _ = self.changes.send(Arc::new(changes));
+    }
+
+    /// The state now, and the changes after it.
+    pub fn subscribe(&self) -> (Vec<(IpAddr, Resolution)>, broadcast::Receiver<Changes>) {
+        let directory = self.lock();
+        (directory.snapshot(), self.changes.subscribe())
+    }
+
+    /// What `address` must answer with now.
+    pub fn resolve(&self, address: IpAddr) -> Option<Resolution> {
+        self.lock().resolve(address)
+    }
+
+    /// How many live pods claim an address.
+    pub fn workloads(&self) -> usize {
+        self.lock().workloads()
+    }
+
+    /// The one live, meshed pod at `address` whose identity is `identity`:
+    /// the pod a caller's stream is bound to. Returns its `namespace/name`.
+    pub fn bind(&self, address: IpAddr, identity: &SpiffeId) -> Result<String, BindError> {
+        let directory = self.lock();
+        let claimants = directory.claimants(address);
+        let [pod] = claimants.as_slice() else {
+            return Err(if claimants.is_empty() {
+                BindError::NoPod(address)
+            } else {
+                BindError::Contested(address)
+            });
+        };
+        match &pod.claim {
+            Claim::Meshed(id) if id == identity => Ok(pod.name.clone()),
+            _ => Err(BindError::OtherIdentity {
+                address,
+                pod: pod.name.clone(),
+                identity: identity.clone(),
+            }),
+        }
+    }
+
+    /// The sources have delivered a complete state at least once.
+    pub fn mark_synced(&self) {
+        self.synced.send_replace(true);
+    }
+
+    pub fn is_synced(&self) -> bool {
+        *self.synced.borrow()
+    }
+
+    /// Waits until [`Self::mark_synced`].
+    pub async fn synced(&self) {
+        let mut rx = self.synced.subscribe();
+        // The sender lives in `self`: it cannot be dropped while we wait.
+        let _ = rx.wait_for(|synced| *synced).await;
+    }
+}
