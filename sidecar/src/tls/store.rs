@@ -12,7 +12,7 @@
 use std::{
     collections::HashMap,
     fmt,
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, SystemTime},
 };
 
@@ -29,6 +29,9 @@ use rustls::{
 use tokio::sync::watch;
 
 use super::verifier::Verification;
+
+/// How many pinned outbound configurations one certificate keeps.
+const MAX_PINNED: usize = 4096;
 
 /// A certificate chain, its private key and the trust bundle, not yet checked.
 pub struct Material {
@@ -49,8 +52,10 @@ pub struct TlsConfigs {
     bundle: Vec<CertificateDer<'static>>,
     server: Arc<ServerConfig>,
     client_any: Arc<ClientConfig>,
-    client_pinned: HashMap<SpiffeId, Arc<ClientConfig>>,
-    provider: Arc<CryptoProvider>,
+    /// Pinned configurations of the explicit listeners' upstreams, built once.
+    client_registered: HashMap<SpiffeId, Arc<ClientConfig>>,
+    /// Pinned configurations built on first use, at most [`MAX_PINNED`].
+    client_pinned: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
     verification: Verification,
     key: Arc<CertifiedKey>,
 }
@@ -225,26 +230,29 @@ impl TlsConfigs {
             roots: material.roots.len(),
             bundle: material.roots,
             server: Arc::new(server_config(&provider, &verification, &key)?),
-            client_any: Arc::new(client_config(&provider, &verification, &key, None)?),
-            client_pinned: HashMap::new(),
-            provider,
+            client_any: Arc::new(client_config(&provider, &verification, &key)?),
+            client_registered: HashMap::new(),
+            client_pinned: Mutex::new(HashMap::new()),
             verification,
             key,
         };
         for peer in pinned_peers {
-            let config = configs.build_client(Some(peer.clone()))?;
-            configs.client_pinned.insert(peer.clone(), config);
+            let config = Arc::new(configs.pinned(peer));
+            configs.client_registered.insert(peer.clone(), config);
         }
         Ok(configs)
     }
 
-    fn build_client(&self, expected: Option<SpiffeId>) -> Result<Arc<ClientConfig>, StoreError> {
-        Ok(Arc::new(client_config(
-            &self.provider,
-            &self.verification,
-            &self.key,
-            expected,
-        )?))
+    /// The outbound configuration with its verifier pinned to `expected`:
+    /// the any-identity one with another verifier, so it cannot fail to
+    /// build (and never falls back to any identity). Resumption is off, so
+    /// the two share no session that could skip the pinned check.
+    fn pinned(&self, expected: &SpiffeId) -> ClientConfig {
+        let mut config = ClientConfig::clone(&self.client_any);
+        config
+            .dangerous()
+            .set_certificate_verifier(self.verification.server_verifier(Some(expected.clone())));
+        config
     }
 
     /// Whether `chain` and `roots` are what these configurations were built from.
@@ -282,17 +290,31 @@ impl TlsConfigs {
     }
 
     /// The outbound (client) configuration; `expected` pins the peer identity.
+    ///
+    /// A pinned configuration is built once per identity and certificate,
+    /// not per connection: at start for the explicit listeners, on first use
+    /// for any other (at most [`MAX_PINNED`] kept; past that the cache starts
+    /// over).
     pub fn client(&self, expected: Option<&SpiffeId>) -> Arc<ClientConfig> {
-        match expected {
-            None => self.client_any.clone(),
-            Some(id) => match self.client_pinned.get(id) {
-                Some(c) => c.clone(),
-                // Not registered at start-up: build one (only explicit listeners pin).
-                None => self
-                    .build_client(Some(id.clone()))
-                    .unwrap_or_else(|_| self.client_any.clone()),
-            },
+        let Some(id) = expected else {
+            return self.client_any.clone();
+        };
+        if let Some(config) = self.client_registered.get(id) {
+            return config.clone();
         }
+        let mut pinned = self
+            .client_pinned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(config) = pinned.get(id) {
+            return config.clone();
+        }
+        if pinned.len() >= MAX_PINNED {
+            pinned.clear();
+        }
+        let config = Arc::new(self.pinned(id));
+        pinned.insert(id.clone(), config.clone());
+        config
     }
 }
 
@@ -396,17 +418,18 @@ fn server_config(
     Ok(config)
 }
 
+/// The outbound configuration that accepts any identity of the trust
+/// domain; pinned ones are derived from it ([`TlsConfigs::pinned`]).
 fn client_config(
     provider: &Arc<CryptoProvider>,
     verification: &Verification,
     key: &Arc<CertifiedKey>,
-    expected: Option<SpiffeId>,
 ) -> Result<ClientConfig, StoreError> {
     let mut config = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| StoreError::Config(e.to_string()))?
         .dangerous()
-        .with_custom_certificate_verifier(verification.server_verifier(expected))
+        .with_custom_certificate_verifier(verification.server_verifier(None))
         .with_client_cert_resolver(Arc::new(Fixed(key.clone())));
     config.alpn_protocols = vec![MESH_ALPN.to_vec()];
     config.resumption = Resumption::disabled();

@@ -1,6 +1,9 @@
 //! The SPIFFE verifiers and the certificate store on certificates made here.
 
-use std::time::{Duration, SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use palisade_proto::{SpiffeId, TrustDomain};
 use rcgen::{
@@ -329,6 +332,83 @@ fn a_bundle_root_webpki_cannot_use_is_an_error() {
         )
         .is_err()
     );
+}
+
+/// Runs a whole handshake between `client` and `server` in memory.
+fn handshake(
+    client: Arc<rustls::ClientConfig>,
+    server: Arc<rustls::ServerConfig>,
+) -> Result<(), rustls::Error> {
+    let name = ServerName::try_from("palisade.invalid").expect("name");
+    let mut client = rustls::ClientConnection::new(client, name)?;
+    let mut server = rustls::ServerConnection::new(server)?;
+    for _ in 0..10 {
+        let mut wire = Vec::new();
+        client.write_tls(&mut wire).expect("client writes");
+        server.read_tls(&mut wire.as_slice()).expect("server reads");
+        server.process_new_packets()?;
+        let mut wire = Vec::new();
+        server.write_tls(&mut wire).expect("server writes");
+        client.read_tls(&mut wire.as_slice()).expect("client reads");
+        client.process_new_packets()?;
+        if !client.is_handshaking() && !server.is_handshaking() {
+            return Ok(());
+        }
+    }
+    panic!("the handshake did not finish");
+}
+
+#[test]
+fn a_pinned_configuration_is_built_once_per_identity_and_never_falls_back() {
+    let ca = ca();
+    let t = now();
+    let registered = SpiffeId::parse("spiffe://cluster.local/ns/b/sa/upstream").expect("valid");
+    let store = CertStore::new(td(), vec![registered.clone()]);
+    let (cert, key) = leaf(&ca, vec![uri(ID)], t - hour(), t + hour());
+    let configs = store
+        .publish(
+            Material {
+                chain: vec![cert],
+                key: PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+                roots: vec![ca.der.clone()],
+            },
+            t,
+        )
+        .expect("good material");
+
+    let us = SpiffeId::parse(ID).expect("valid");
+    let other = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/other").expect("valid");
+    // One configuration per identity, whatever the number of connections.
+    assert!(Arc::ptr_eq(
+        &configs.client(Some(&us)),
+        &configs.client(Some(&us))
+    ));
+    assert!(Arc::ptr_eq(
+        &configs.client(Some(&registered)),
+        &configs.client(Some(&registered))
+    ));
+    assert!(!Arc::ptr_eq(
+        &configs.client(Some(&us)),
+        &configs.client(Some(&other))
+    ));
+    assert!(!Arc::ptr_eq(
+        &configs.client(Some(&us)),
+        &configs.client(None)
+    ));
+
+    // The server presents `ID`: a client pinned to it, or to nobody, gets
+    // through; one pinned to anybody else is refused in the handshake.
+    handshake(configs.client(Some(&us)), configs.server()).expect("the expected identity");
+    handshake(configs.client(None), configs.server()).expect("any identity of the trust domain");
+    for pinned in [&other, &registered] {
+        let err = handshake(configs.client(Some(pinned)), configs.server())
+            .expect_err("another identity answers");
+        assert_eq!(
+            classify_tls(&err).as_str(),
+            "unexpected_identity",
+            "{pinned}: {err}"
+        );
+    }
 }
 
 #[test]
