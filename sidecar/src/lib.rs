@@ -5,6 +5,8 @@
 //! - [`app`]: wires the parts together and runs them until shutdown.
 //! - [`tls`]: the certificate store, SPIFFE verifiers, file-mode credentials.
 //! - [`proxy`]: inbound and outbound listeners, detection, relay.
+//! - [`discovery`]: what the control plane says must answer at an address,
+//!   and the outbound decision it drives.
 //! - [`policy`]: the inbound authorization policy.
 //! - [`capture`]: `palisade-sidecar init`, the iptables capture rules.
 //! - [`identity`]: fresh keys certified by the control plane.
@@ -17,6 +19,7 @@ pub mod app;
 pub mod capture;
 pub mod config;
 pub mod credentials;
+pub mod discovery;
 pub mod identity;
 pub mod metrics;
 pub mod policy;

@@ -1,0 +1,189 @@
+//! What the sidecar knows from discovery, and the outbound decision it
+//! drives.
+//!
+//! [`Destinations`] holds, per address, what the control plane says must
+//! answer there. It is written by the discovery stream (a snapshot, then
+//! changes) and read once per outbound connection. A message that does not
+//! decode is refused as a whole and the state stays as it was; the stream
+//! then reconnects for a fresh snapshot.
+//!
+//! [`decide`] is the outbound decision, one row per case:
+//!
+//! | what discovery says | permissive | strict |
+//! | --- | --- | --- |
+//! | a meshed workload | mesh TLS, exactly its identity | the same |
+//! | a pod without a sidecar, a node | plain TCP | refused |
+//! | two live pods, or no derivable identity | refused | refused |
+//! | nothing, inside the cluster networks | plain TCP | refused |
+//! | nothing, outside them | plain TCP | plain TCP |
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{PoisonError, RwLock},
+};
+
+use ipnet::IpNet;
+use palisade_proto::{
+    SpiffeId,
+    discovery::{self, Resolution, WireError, v1::WatchResponse},
+};
+
+#[cfg(test)]
+mod tests;
+
+/// What to do with one outbound connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Mesh TLS; the server must present exactly this identity.
+    Mesh(SpiffeId),
+    /// Plain TCP, as the app sent it.
+    Plain(Kind),
+    /// Refused before a byte is sent.
+    Refuse(Refusal),
+}
+
+/// Why plain TCP: what discovery knows of the address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A pod without a sidecar, or a node address.
+    Unmeshed,
+    /// An address discovery does not know.
+    Unknown,
+}
+
+/// Why an outbound connection is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// More than one live pod claims the address.
+    Conflict,
+    /// The pod there has a sidecar but no identity can be derived for it.
+    Unidentifiable,
+    /// Strict mode: plain TCP to an address discovery knows.
+    StrictUnmeshed,
+    /// Strict mode: plain TCP into the cluster networks.
+    StrictUnknown,
+}
+
+/// Whether plain TCP is allowed where mesh TLS is not possible.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OutboundMode {
+    /// Plain TCP to unmeshed and unknown addresses, counted.
+    #[default]
+    Permissive,
+    /// No plain TCP to an address discovery knows or inside the cluster
+    /// networks.
+    Strict,
+}
+
+/// The outbound decision for `resolution` (what discovery says of the
+/// destination address; `None`: nothing).
+pub fn decide(
+    resolution: Option<&Resolution>,
+    address: IpAddr,
+    mode: OutboundMode,
+    cluster_networks: &[IpNet],
+) -> Decision {
+    let strict = mode == OutboundMode::Strict;
+    match resolution {
+        Some(Resolution::Meshed(id)) => Decision::Mesh(id.clone()),
+        Some(Resolution::Conflict) => Decision::Refuse(Refusal::Conflict),
+        Some(Resolution::Unidentifiable) => Decision::Refuse(Refusal::Unidentifiable),
+        Some(Resolution::Unmeshed) if strict => Decision::Refuse(Refusal::StrictUnmeshed),
+        Some(Resolution::Unmeshed) => Decision::Plain(Kind::Unmeshed),
+        None if strict && cluster_networks.iter().any(|n| n.contains(&address)) => {
+            Decision::Refuse(Refusal::StrictUnknown)
+        }
+        None => Decision::Plain(Kind::Unknown),
+    }
+}
+
+/// Per address, what must answer there.
+#[derive(Debug, Default)]
+pub struct Destinations {
+    /// `None` until the first snapshot.
+    known: RwLock<Option<HashMap<IpAddr, Resolution>>>,
+}
+
+/// What one stream message changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// The message was a snapshot.
+    pub snapshot: bool,
+    /// Addresses set or changed.
+    pub set: usize,
+    /// Addresses dropped.
+    pub removed: usize,
+}
+
+impl Destinations {
+    /// Applies one stream message, all or nothing. A change before the first
+    /// snapshot is refused: there is nothing to change yet.
+    pub fn apply(&self, message: &WatchResponse) -> Result<Applied, ApplyError> {
+        let set = message
+            .addresses
+            .iter()
+            .map(discovery::decode)
+            .collect::<Result<Vec<_>, _>>()?;
+        let removed = message
+            .removed
+            .iter()
+            .map(|ip| discovery::decode_ip(ip))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut known = self.known.write().unwrap_or_else(PoisonError::into_inner);
+        let map = if message.snapshot {
+            known.insert(HashMap::with_capacity(set.len()))
+        } else {
+            known.as_mut().ok_or(ApplyError::BeforeSnapshot)?
+        };
+        if message.snapshot {
+            map.clear();
+        }
+        for address in &removed {
+            map.remove(address);
+        }
+        let applied = Applied {
+            snapshot: message.snapshot,
+            set: set.len(),
+            removed: removed.len(),
+        };
+        map.extend(set);
+        Ok(applied)
+    }
+
+    /// What must answer at `address`: `Err` before the first snapshot,
+    /// `Ok(None)` when discovery does not know it.
+    pub fn resolve(&self, address: IpAddr) -> Result<Option<Resolution>, NotSynced> {
+        let known = self.known.read().unwrap_or_else(PoisonError::into_inner);
+        let map = known.as_ref().ok_or(NotSynced)?;
+        Ok(map.get(&address).cloned())
+    }
+
+    /// How many addresses are known (0 before the first snapshot).
+    pub fn len(&self) -> usize {
+        self.known
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map_or(0, HashMap::len)
+    }
+
+    /// Whether no address is known.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// No snapshot has arrived yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("discovery has not delivered its first snapshot yet")]
+pub struct NotSynced;
+
+/// Why a stream message was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("a change arrived before the first snapshot")]
+    BeforeSnapshot,
+}
