@@ -131,6 +131,12 @@ fn only_pending_or_running_pods_with_an_address_claim_it() {
         v["status"]["podIPs"] = json!([{"ip": "999.1.1.1"}]);
     });
     assert_eq!(claim(&garbage_ip), None, "an address must parse");
+    // An empty `podIPs` falls back to `podIP`.
+    let only_pod_ip = with(base.clone(), |v| v["status"]["podIPs"] = json!([]));
+    assert_eq!(
+        Workload::of(&only_pod_ip, &td()).map(|w| w.addresses),
+        Some(vec![ip("198.18.0.2")])
+    );
     // A terminating pod still answers at its address.
     let terminating = with(base, |v| {
         v["metadata"]["deletionTimestamp"] = json!("2026-12-01T00:00:00Z");
@@ -306,6 +312,18 @@ fn a_relist_replaces_everything_and_names_what_vanished() {
         ]
     );
     assert_eq!(directory.workloads(), 2);
+
+    // Pods without a UID are told apart by namespace and name.
+    let no_uid = |name: &str, address: &str| {
+        with(pod("x", "shop", name, name, address, false), |v| {
+            v["metadata"]["uid"] = json!("");
+        })
+    };
+    let mut directory = Directory::default();
+    directory.apply(&no_uid("p", "198.18.0.4"), &td());
+    directory.apply(&no_uid("q", "198.18.0.5"), &td());
+    assert_eq!(directory.workloads(), 2);
+    assert_eq!(super::model::pod_key(&no_uid("p", "198.18.0.4")), "shop/p");
 }
 
 // --- the file source ---

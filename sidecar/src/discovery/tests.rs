@@ -95,6 +95,8 @@ fn message(snapshot: bool, set: &[(&str, Resolution)], removed: &[&str]) -> Watc
 fn the_expected_identity_follows_the_address() {
     let destinations = Destinations::default();
     assert_eq!(destinations.resolve(ip("198.18.0.2")), Err(NotSynced));
+    assert!(destinations.is_empty());
+    assert_eq!(destinations.len(), 0);
     assert_eq!(
         destinations.apply(&message(false, &[], &["198.18.0.2"])),
         Err(ApplyError::BeforeSnapshot)
@@ -115,6 +117,8 @@ fn the_expected_identity_follows_the_address() {
         Ok(Some(Resolution::Meshed(id(B))))
     );
     assert_eq!(destinations.resolve(ip("198.18.0.9")), Ok(None));
+    assert_eq!(destinations.len(), 2);
+    assert!(!destinations.is_empty());
 
     // b's address is claimed twice, then b is gone and m has it.
     destinations
