@@ -2,8 +2,9 @@
 //!
 //! One [`Directory`] behind a lock, and a broadcast of what changed. A
 //! stream subscribes and takes its snapshot under the same lock, so it sees
-//! every change after its snapshot and none twice; a stream that falls
-//! behind the broadcast starts again from a fresh snapshot.
+//! every change after its snapshot and none twice. A stream that falls
+//! behind is told so by the broadcast (`Lagged`) and must start again from
+//! a fresh snapshot.
 
 use std::{
     collections::BTreeSet,
