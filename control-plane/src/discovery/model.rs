@@ -93,11 +93,7 @@ impl Workload {
             Claim::Unmeshed
         };
         Some(Self {
-            name: format!(
-                "{}/{}",
-                pod.metadata.namespace.as_deref().unwrap_or(""),
-                pod.metadata.name.as_deref().unwrap_or("")
-            ),
+            name: pod_name(pod),
             addresses,
             claim,
         })
@@ -122,16 +118,21 @@ fn has_sidecar(pod: &Pod) -> bool {
         .any(|c| c.name == SIDECAR_CONTAINER)
 }
 
+/// `namespace/name`.
+fn pod_name(pod: &Pod) -> String {
+    format!(
+        "{}/{}",
+        pod.metadata.namespace.as_deref().unwrap_or(""),
+        pod.metadata.name.as_deref().unwrap_or("")
+    )
+}
+
 /// The key a pod is tracked by: its UID, which a pod recreated under the
 /// same name does not share; `namespace/name` for a pod without one.
 pub fn pod_key(pod: &Pod) -> String {
     match &pod.metadata.uid {
         Some(uid) if !uid.is_empty() => uid.clone(),
-        _ => format!(
-            "{}/{}",
-            pod.metadata.namespace.as_deref().unwrap_or(""),
-            pod.metadata.name.as_deref().unwrap_or("")
-        ),
+        _ => pod_name(pod),
     }
 }
 
@@ -145,13 +146,10 @@ impl Directory {
         pods: impl IntoIterator<Item = &'a Pod>,
         trust_domain: &TrustDomain,
     ) -> BTreeSet<IpAddr> {
-        let mut changed: BTreeSet<IpAddr> = self.by_address.keys().copied().collect();
-        self.pods.clear();
-        self.by_address.clear();
-        for pod in pods {
-            changed.extend(self.apply(pod, trust_domain));
-        }
-        changed
+        self.replace_workloads(
+            pods.into_iter()
+                .filter_map(|pod| Some((pod_key(pod), Workload::of(pod, trust_domain)?))),
+        )
     }
 
     /// A directory of exactly `workloads`, each with its key (the `file`

@@ -73,33 +73,29 @@ impl Discovery {
 
     /// Replaces everything with `pods` (a list, or a relist).
     pub fn replace_pods(&self, pods: &[Pod]) {
-        let mut directory = self.lock();
-        let changed = directory.replace_all(pods, &self.trust_domain);
-        self.publish(&directory, changed);
+        self.update(|d, td| d.replace_all(pods, td));
     }
 
     /// Replaces everything with `workloads` (the `file` source).
     pub fn replace_workloads(&self, workloads: Vec<(String, Workload)>) {
-        let mut directory = self.lock();
-        let changed = directory.replace_workloads(workloads);
-        self.publish(&directory, changed);
+        self.update(|d, _| d.replace_workloads(workloads));
     }
 
     /// A pod added or changed.
     pub fn apply_pod(&self, pod: &Pod) {
-        let mut directory = self.lock();
-        let changed = directory.apply(pod, &self.trust_domain);
-        self.publish(&directory, changed);
+        self.update(|d, td| d.apply(pod, td));
     }
 
     /// A pod deleted.
     pub fn delete_pod(&self, pod: &Pod) {
-        let mut directory = self.lock();
-        let changed = directory.delete(pod);
-        self.publish(&directory, changed);
+        self.update(|d, _| d.delete(pod));
     }
 
-    fn publish(&self, directory: &Directory, changed: BTreeSet<IpAddr>) {
+    /// Changes the directory with `change` and broadcasts the resolutions of
+    /// the addresses it names, under one lock.
+    fn update(&self, change: impl FnOnce(&mut Directory, &TrustDomain) -> BTreeSet<IpAddr>) {
+        let mut directory = self.lock();
+        let changed = change(&mut directory, &self.trust_domain);
         if changed.is_empty() {
             return;
         }

@@ -136,9 +136,6 @@ impl Destinations {
         } else {
             known.as_mut().ok_or(ApplyError::BeforeSnapshot)?
         };
-        if message.snapshot {
-            map.clear();
-        }
         for address in &removed {
             map.remove(address);
         }
