@@ -14,15 +14,18 @@ use prometheus::Registry;
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use tracing::{error, info, warn};
 
+use palisade_proto::TrustDomain;
 use palisade_runtime::{
     admin::{self, AdminState},
+    verifier::{OptionalClientVerifier, Verification},
     watch::reload_on_change,
 };
 
 use crate::{
     authn::{Authenticator, KubernetesAuthenticator, StaticTokens},
     ca::{CaStore, Reload, serving::ServingCert},
-    config::{AuthenticatorConfig, ServeConfig},
+    config::{AuthenticatorConfig, DiscoverySource, ServeConfig},
+    discovery::{self, Discovery, DiscoveryService},
     grpc::{self, ServerLimits},
     inject::{
         InjectionConfig, Injector,
@@ -46,6 +49,22 @@ pub struct App {
     admin: TcpListener,
     webhook: Option<(TcpListener, InjectionConfig)>,
     publisher: Option<BundlePublisher>,
+    discovery: Option<DiscoveryParts>,
+}
+
+/// Discovery's state, and the client its `kubernetes` source watches with.
+struct DiscoveryParts {
+    state: Arc<Discovery>,
+    pods: Option<kube::Client>,
+}
+
+impl std::fmt::Debug for DiscoveryParts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiscoveryParts")
+            .field("state", &self.state)
+            .field("pods", &self.pods.is_some())
+            .finish()
+    }
 }
 
 // === impl App ===
@@ -109,23 +128,47 @@ impl App {
             }
         };
         let ca = Arc::new(ca);
-        let publisher = if config.publish.webhook_configuration.is_some()
-            || config.publish.bundle_configmap.is_some()
-        {
+        let publishing = config.publish.webhook_configuration.is_some()
+            || config.publish.bundle_configmap.is_some();
+        let watching_pods = config.discovery == Some(DiscoverySource::Kubernetes);
+        let kube_client = if publishing || watching_pods {
             let kube_config = kube::Config::infer()
                 .await
-                .context("loading the Kubernetes client configuration (needed by --webhook-configuration and --bundle-configmap)")?;
-            let client =
-                kube::Client::try_from(kube_config).context("building the Kubernetes client")?;
-            Some(BundlePublisher::new(
-                config.publish.clone(),
-                client,
-                ca.clone(),
-                metrics.clone(),
-            ))
+                .context("loading the Kubernetes client configuration (needed by --webhook-configuration, --bundle-configmap and --discovery-source kubernetes)")?;
+            Some(kube::Client::try_from(kube_config).context("building the Kubernetes client")?)
         } else {
             None
         };
+        let publisher = match &kube_client {
+            Some(client) if publishing => Some(BundlePublisher::new(
+                config.publish.clone(),
+                client.clone(),
+                ca.clone(),
+                metrics.clone(),
+            )),
+            _ => None,
+        };
+        let discovery = match &config.discovery {
+            None => None,
+            Some(DiscoverySource::Kubernetes) => Some(DiscoveryParts {
+                state: Discovery::new(config.trust_domain.clone()),
+                pods: kube_client.clone(),
+            }),
+            Some(DiscoverySource::File { path }) => {
+                let discovery = Discovery::new(config.trust_domain.clone());
+                let workloads = load_discovery_file(path, &discovery)
+                    .with_context(|| format!("loading the discovery file {}", path.display()))?;
+                info!(file = %path.display(), workloads, "discovery: loaded the discovery file");
+                metrics.watching(ReloadSource::DiscoveryFile);
+                Some(DiscoveryParts {
+                    state: discovery,
+                    pods: None,
+                })
+            }
+        };
+        if let Some(DiscoveryParts { state: d, .. }) = &discovery {
+            metrics.discovery_known(d.is_synced(), d.workloads(), d.addresses());
+        }
         Ok(Self {
             config,
             ca,
@@ -136,6 +179,7 @@ impl App {
             admin,
             webhook,
             publisher,
+            discovery,
         })
     }
 
@@ -169,6 +213,7 @@ impl App {
             admin,
             webhook,
             publisher,
+            discovery,
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let stopped = move || {
@@ -182,7 +227,17 @@ impl App {
             ServingCert::new(&ca, config.server_names.clone())
                 .context("issuing the serving certificate")?,
         );
-        let tls = tls::server_config(serving.clone(), grpc::ALPN)
+        // Discovery callers prove who they are with a mesh certificate; the
+        // roots follow the CA's bundle (watch_ca).
+        let mesh_clients = match &discovery {
+            Some(_) => Some(
+                Verification::new(ca.issuer().bundle(), config.trust_domain.clone())
+                    .context("the CA's trust bundle cannot verify mesh certificates")?
+                    .optional_client_verifier(),
+            ),
+            None => None,
+        };
+        let tls = tls::server_config(serving.clone(), grpc::ALPN, mesh_clients.clone())
             .context("building the gRPC TLS configuration")?;
         let ready = Arc::new(AtomicBool::new(false));
         let grpc_addr = grpc.local_addr()?;
@@ -190,7 +245,43 @@ impl App {
 
         let mut tasks = JoinSet::new();
         tasks.spawn(serving.clone().maintain(ca.clone(), stopped()));
-        tasks.spawn(watch_ca(ca.clone(), metrics.clone(), stopped()));
+        tasks.spawn(watch_ca(
+            ca.clone(),
+            mesh_clients,
+            config.trust_domain.clone(),
+            metrics.clone(),
+            stopped(),
+        ));
+        let discovery_service = match discovery {
+            None => None,
+            Some(DiscoveryParts {
+                state: discovery,
+                pods,
+            }) => {
+                match (&config.discovery, pods) {
+                    (Some(DiscoverySource::File { path }), _) => {
+                        tasks.spawn(watch_discovery_file(
+                            discovery.clone(),
+                            path.clone(),
+                            metrics.clone(),
+                            stopped(),
+                        ));
+                    }
+                    (_, Some(client)) => {
+                        let (discovery, metrics, stop) =
+                            (discovery.clone(), metrics.clone(), stopped());
+                        tasks.spawn(async move {
+                            tokio::select! {
+                                () = discovery::kubernetes::run(client, discovery, metrics) => {}
+                                () = stop => {}
+                            }
+                        });
+                    }
+                    _ => {}
+                }
+                Some(DiscoveryService::new(discovery, metrics.clone()))
+            }
+        };
         if let Authenticator::Static(_) = &*authenticator {
             tasks.spawn(watch_tokens(
                 authenticator.clone(),
@@ -221,7 +312,7 @@ impl App {
                 metrics.clone(),
                 namespaces,
             ));
-            let tls = tls::server_config(serving.clone(), webhook::ALPN)
+            let tls = tls::server_config(serving.clone(), webhook::ALPN, None)
                 .context("building the webhook TLS configuration")?;
             let limits = WebhookLimits {
                 handshake_timeout: config.handshake_timeout,
@@ -268,9 +359,21 @@ impl App {
             max_pending_handshakes: config.max_pending_handshakes,
             max_concurrent_streams: 256,
         };
-        let grpc_server = tokio::spawn(grpc::serve(grpc, tls, service, limits, stopped()));
+        let discovery_source = match &config.discovery {
+            None => "off",
+            Some(DiscoverySource::Kubernetes) => "kubernetes",
+            Some(DiscoverySource::File { .. }) => "file",
+        };
+        let grpc_server = tokio::spawn(grpc::serve(
+            grpc,
+            tls,
+            service,
+            discovery_service,
+            limits,
+            stopped(),
+        ));
         ready.store(true, Ordering::Release);
-        info!(grpc = %grpc_addr, admin = %admin_addr, webhook = %webhook_addr, trust_domain = %config.trust_domain, "serving");
+        info!(grpc = %grpc_addr, admin = %admin_addr, webhook = %webhook_addr, discovery = discovery_source, trust_domain = %config.trust_domain, "serving");
 
         shutdown.await;
         info!(grace = ?config.shutdown_grace, "shutting down: draining in-flight requests");
@@ -296,12 +399,25 @@ impl App {
 }
 
 /// Reloads the CA directory when it changes; a broken replacement is refused,
-/// logged and counted, and the old issuer keeps signing.
-async fn watch_ca(ca: Arc<CaStore>, metrics: Metrics, stop: impl Future<Output = ()>) {
+/// logged and counted, and the old issuer keeps signing. A new bundle also
+/// becomes the roots discovery callers are verified against.
+async fn watch_ca(
+    ca: Arc<CaStore>,
+    mesh_clients: Option<Arc<OptionalClientVerifier>>,
+    trust_domain: TrustDomain,
+    metrics: Metrics,
+    stop: impl Future<Output = ()>,
+) {
     reload_on_change(ca.dir(), stop, || match ca.reload() {
         Ok(Reload::Unchanged) => {}
         Ok(Reload::Replaced) => {
             let issuer = ca.issuer();
+            if let Some(verifier) = &mesh_clients {
+                match Verification::new(issuer.bundle(), trust_domain.clone()) {
+                    Ok(verification) => verifier.replace(&verification),
+                    Err(error) => warn!(%error, "the new trust bundle cannot verify mesh certificates; discovery callers are verified against the previous one"),
+                }
+            }
             metrics.reloaded(ReloadSource::Issuer, Outcome::Success);
             metrics.issuer_loaded(issuer.not_after(), issuer.bundle().len());
             info!(
@@ -320,6 +436,38 @@ async fn watch_ca(ca: Arc<CaStore>, metrics: Metrics, stop: impl Future<Output =
                 keeping_not_after = %humantime::format_rfc3339_seconds(current.not_after()),
                 "refused the changed CA directory; the current issuer keeps signing"
             );
+        }
+    })
+    .await;
+}
+
+/// Loads the discovery file into `discovery`; returns how many workloads it holds.
+fn load_discovery_file(path: &std::path::Path, discovery: &Discovery) -> anyhow::Result<usize> {
+    let text = std::fs::read_to_string(path).context("reading it")?;
+    let workloads = discovery::file::parse(&text, discovery.trust_domain())?;
+    let n = workloads.len();
+    discovery.replace_workloads(workloads);
+    discovery.mark_synced();
+    Ok(n)
+}
+
+/// Reloads the discovery file when it changes; a bad edit keeps the previous
+/// state and says why.
+async fn watch_discovery_file(
+    discovery: Arc<Discovery>,
+    path: std::path::PathBuf,
+    metrics: Metrics,
+    stop: impl Future<Output = ()>,
+) {
+    reload_on_change(&path, stop, || match load_discovery_file(&path, &discovery) {
+        Ok(workloads) => {
+            metrics.reloaded(ReloadSource::DiscoveryFile, Outcome::Success);
+            metrics.discovery_known(true, discovery.workloads(), discovery.addresses());
+            info!(file = %path.display(), workloads, "discovery: reloaded the discovery file");
+        }
+        Err(error) => {
+            metrics.reloaded(ReloadSource::DiscoveryFile, Outcome::Failure);
+            warn!(error = format!("{error:#}"), file = %path.display(), "discovery: refused the changed discovery file; the previous state stays in use");
         }
     })
     .await;

@@ -4,13 +4,13 @@
 //! [`crate::service::Reason`], [`crate::authn::Reason`] and
 //! [`crate::authn::Kind`], [`crate::inject::ReviewResult`] and
 //! [`crate::inject::ReviewReason`], [`crate::publish::Target`],
-//! [`ReloadSource`] and [`Outcome`].
+//! [`ReloadSource`], [`StreamRefusal`], [`StreamEnd`] and [`Outcome`].
 
 use std::time::{Duration, SystemTime};
 
 use palisade_runtime::metrics::{Families, Family, Label};
 pub use palisade_runtime::metrics::{LabelValue, Outcome};
-use prometheus::{Gauge, Histogram, IntCounterVec, IntGauge, Registry};
+use prometheus::{Gauge, Histogram, IntCounter, IntCounterVec, IntGauge, Registry};
 
 use crate::{
     authn,
@@ -31,6 +31,41 @@ pub enum ReloadSource {
     StaticTokens,
     /// The webhook's injection configuration.
     InjectionConfig,
+    /// The `file` discovery source.
+    DiscoveryFile,
+}
+
+/// Why a discovery stream was refused: the `reason` label.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr, strum::VariantArray, strum::Display,
+)]
+#[strum(serialize_all = "snake_case")]
+pub enum StreamRefusal {
+    /// No verified mesh client certificate.
+    NoClientCert,
+    /// The sources have not delivered a complete state yet.
+    NotSynced,
+    /// No live pod has the caller's address.
+    NoPod,
+    /// More than one live pod has the caller's address.
+    Contested,
+    /// The pod at the caller's address is not a meshed workload of the
+    /// certificate's identity.
+    OtherIdentity,
+}
+
+/// Why a discovery stream ended: the `reason` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum StreamEnd {
+    /// The caller went away (or its connection did).
+    Closed,
+    /// The caller's pod is gone from its address.
+    Unbound,
+    /// The client certificate expired; the caller reconnects with its new one.
+    CertificateExpired,
+    /// The control plane is shutting down.
+    Shutdown,
 }
 
 /// Counters and gauges of the CA and its authenticators.
@@ -45,6 +80,14 @@ pub struct Metrics {
     reviews: IntCounterVec,
     review_duration: Histogram,
     publications: IntCounterVec,
+    streams_active: IntGauge,
+    streams_refused: IntCounterVec,
+    streams_ended: IntCounterVec,
+    stream_updates: IntCounter,
+    stream_resyncs: IntCounter,
+    source_synced: IntGauge,
+    source_workloads: IntGauge,
+    source_addresses: IntGauge,
 }
 
 // === impl Metrics ===
@@ -125,13 +168,61 @@ impl Metrics {
                 Label::closed::<Outcome>("result"),
             ],
         )?;
+        let streams_active = f.int_gauge(
+            "palisade_discovery_streams_active",
+            "Discovery streams open to sidecars.",
+        )?;
+        let streams_refused = f.counter_vec(
+            "palisade_discovery_streams_refused_total",
+            "Discovery streams refused, by reason (no_client_cert, not_synced, no_pod, contested, other_identity).",
+            vec![Label::closed::<StreamRefusal>("reason")],
+        )?;
+        let streams_ended = f.counter_vec(
+            "palisade_discovery_streams_ended_total",
+            "Discovery streams ended, by reason (closed, unbound, certificate_expired, shutdown).",
+            vec![Label::closed::<StreamEnd>("reason")],
+        )?;
+        let stream_updates = f.int_counter(
+            "palisade_discovery_updates_sent_total",
+            "Batches of changes sent on discovery streams (snapshots not included).",
+        )?;
+        let stream_resyncs = f.int_counter(
+            "palisade_discovery_resyncs_total",
+            "Fresh snapshots sent to streams that fell behind the changes.",
+        )?;
+        let source_synced = f.int_gauge(
+            "palisade_discovery_source_synced",
+            "1 once the discovery source has delivered a complete state, else 0.",
+        )?;
+        let source_workloads = f.int_gauge(
+            "palisade_discovery_source_workloads",
+            "Live workloads (pods, or the file's entries) the discovery source knows.",
+        )?;
+        let source_addresses = f.int_gauge(
+            "palisade_discovery_source_addresses",
+            "Addresses discovery answers for (meshed, unmeshed or failing closed).",
+        )?;
 
         // Present from the start, so rate() and absence alerts work before the first request.
         issued.with_label_values(&[Outcome::Success.as_str(), ISSUED_OK]);
         for reason in service::Reason::ALL {
             issued.with_label_values(&[Outcome::Failure.as_str(), reason.as_str()]);
         }
+        for reason in StreamRefusal::ALL {
+            streams_refused.with_label_values(&[reason.as_str()]);
+        }
+        for reason in StreamEnd::ALL {
+            streams_ended.with_label_values(&[reason.as_str()]);
+        }
         let metrics = Self {
+            streams_active,
+            streams_refused,
+            streams_ended,
+            stream_updates,
+            stream_resyncs,
+            source_synced,
+            source_workloads,
+            source_addresses,
             issued,
             issue_duration,
             issuer_expiration,
@@ -232,5 +323,55 @@ impl Metrics {
                     .with_label_values(&[result.as_str(), reason.as_str()]);
             }
         }
+    }
+
+    /// Counts a discovery stream that opened; the gauge falls when the
+    /// returned guard is dropped.
+    pub fn stream_opened(&self) -> ActiveStream {
+        self.streams_active.inc();
+        ActiveStream(self.streams_active.clone())
+    }
+
+    /// Counts a discovery stream refused.
+    pub fn stream_refused(&self, reason: StreamRefusal) {
+        self.streams_refused
+            .with_label_values(&[reason.as_str()])
+            .inc();
+    }
+
+    /// Counts a discovery stream that ended.
+    pub fn stream_ended(&self, reason: StreamEnd) {
+        self.streams_ended
+            .with_label_values(&[reason.as_str()])
+            .inc();
+    }
+
+    /// Counts a batch of changes sent on a stream.
+    pub fn update_sent(&self) {
+        self.stream_updates.inc();
+    }
+
+    /// Counts a fresh snapshot sent to a stream that fell behind.
+    pub fn stream_resynced(&self) {
+        self.stream_resyncs.inc();
+    }
+
+    /// Records what the discovery source knows now.
+    pub fn discovery_known(&self, synced: bool, workloads: usize, addresses: usize) {
+        self.source_synced.set(i64::from(synced));
+        self.source_workloads
+            .set(i64::try_from(workloads).unwrap_or(i64::MAX));
+        self.source_addresses
+            .set(i64::try_from(addresses).unwrap_or(i64::MAX));
+    }
+}
+
+/// One open discovery stream, counted in `palisade_discovery_streams_active`.
+#[derive(Debug)]
+pub struct ActiveStream(IntGauge);
+
+impl Drop for ActiveStream {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

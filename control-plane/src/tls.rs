@@ -9,6 +9,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use palisade_runtime::verifier::OptionalClientVerifier;
 use rustls::ServerConfig;
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -22,18 +23,24 @@ use crate::ca::serving::ServingCert;
 
 /// A server configuration presenting the control plane's serving
 /// certificate: TLS 1.3 and 1.2 (callers outside the mesh: the API server,
-/// grpcurl), no client certificate (callers authenticate with a token or are
-/// the API server), `alpn` in preference order.
+/// grpcurl), `alpn` in preference order. Without `clients` no client
+/// certificate is asked for (the webhook's caller is the API server); with
+/// it, a client may present a mesh certificate, which must then verify
+/// (the gRPC port: `Certify` callers have none yet, discovery callers must).
 pub fn server_config(
     cert: Arc<ServingCert>,
     alpn: &[&[u8]],
+    clients: Option<Arc<OptionalClientVerifier>>,
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
-    let mut config = ServerConfig::builder_with_provider(Arc::new(
+    let builder = ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_cert_resolver(cert);
+    .with_safe_default_protocol_versions()?;
+    let builder = match clients {
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(cert);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }

@@ -12,8 +12,8 @@
 //! only way a family is created, so no family escapes the documentation test.
 
 use prometheus::{
-    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, core::Collector,
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, core::Collector,
 };
 
 /// A closed set of label values: an enum whose variants are the values.
@@ -149,6 +149,16 @@ impl<'r> Families<'r> {
         let names = label_names(&labels);
         let c = IntCounterVec::new(Opts::new(name, help), &names)?;
         self.add(c, name, help, Kind::Counter, labels)
+    }
+
+    /// A counter without labels.
+    pub fn int_counter(
+        &mut self,
+        name: &'static str,
+        help: &'static str,
+    ) -> Result<IntCounter, prometheus::Error> {
+        let c = IntCounter::new(name, help)?;
+        self.add(c, name, help, Kind::Counter, Vec::new())
     }
 
     /// An integer gauge without labels.

@@ -16,6 +16,7 @@ use tracing::{field::Empty, info, info_span, warn};
 
 use crate::{
     config::{CredentialSource, RunConfig},
+    discovery::DiscoveryClient,
     identity::{IdentityClient, refresh},
     metrics::Metrics,
     policy::{Policy, PolicyStore},
@@ -174,6 +175,16 @@ impl App {
                     stop.clone(),
                 ));
             }
+        }
+        if let Some(stream) = config.discovery.clone() {
+            info!(control_plane = %stream.control_plane, "discovery: following the control plane");
+            let client = DiscoveryClient::new(
+                stream,
+                proxy.store.clone(),
+                proxy.destinations.clone(),
+                proxy.metrics.clone(),
+            );
+            tasks.spawn(client.run(stop.clone()));
         }
         if let Some(path) = config.policy.clone() {
             let (proxy, stop) = (proxy.clone(), stop.clone());

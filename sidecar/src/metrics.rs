@@ -1,8 +1,8 @@
 //! The sidecar's Prometheus metrics, registered on one [`Registry`].
 //!
 //! Label sets are bounded. The closed ones are the enums below
-//! ([`Direction`], [`HandshakeFailure`], [`Security`], [`Flow`]) and
-//! [`Outcome`]; the open ones are peer identities (as many as the mesh has
+//! ([`Direction`], [`HandshakeFailure`], [`Security`], [`Flow`],
+//! [`OutboundKind`]), [`crate::discovery::Refusal`] and [`Outcome`]; the open ones are peer identities (as many as the mesh has
 //! service accounts, and only ones a CA of the bundle vouched for) and the
 //! ports of the pod's own app.
 
@@ -11,8 +11,10 @@ use std::time::{Duration, SystemTime};
 use palisade_runtime::metrics::{Families, Family, Label};
 pub use palisade_runtime::metrics::{LabelValue, Outcome};
 use prometheus::{
-    GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry,
+    Gauge, GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry,
 };
+
+use crate::discovery::Refusal;
 
 /// The `reason` of a successful handshake.
 pub const HANDSHAKE_OK: &str = "ok";
@@ -88,6 +90,21 @@ pub enum Flow {
     Response,
 }
 
+/// What discovery made of an outbound destination: the `kind` of
+/// `palisade_outbound_decisions_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum OutboundKind {
+    /// A meshed workload: mesh TLS with its exact identity.
+    Meshed,
+    /// A pod without a sidecar, or a node: plain TCP.
+    Unmeshed,
+    /// An address discovery does not know: plain TCP.
+    Unknown,
+    /// Refused before a byte was sent.
+    Refused,
+}
+
 /// All sidecar metrics.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -101,6 +118,13 @@ pub struct Metrics {
     cert_not_before: GaugeVec,
     renewals: IntCounterVec,
     bundle_roots: IntGauge,
+    decisions: IntCounterVec,
+    refusals: IntCounterVec,
+    stream_connected: IntGauge,
+    stream_opens: IntCounterVec,
+    snapshot_time: Gauge,
+    addresses_known: IntGauge,
+    updates: IntCounterVec,
 }
 
 /// Byte counters of one direction, resolved once per connection.
@@ -197,10 +221,50 @@ impl Metrics {
             "palisade_trust_bundle_roots",
             "Roots in the trust bundle in use.",
         )?;
+        let decisions = f.counter_vec(
+            "palisade_outbound_decisions_total",
+            "Outbound connections by what discovery made of the destination (meshed, unmeshed, unknown, refused).",
+            vec![Label::closed::<OutboundKind>("kind")],
+        )?;
+        let refusals = f.counter_vec(
+            "palisade_outbound_refusals_total",
+            "Outbound connections refused before a byte was sent, by reason.",
+            vec![Label::closed::<Refusal>("reason")],
+        )?;
+        let stream_connected = f.int_gauge(
+            "palisade_discovery_stream_connected",
+            "1 while the discovery stream to the control plane is open and has delivered its snapshot, else 0.",
+        )?;
+        let stream_opens = f.counter_vec(
+            "palisade_discovery_stream_opens_total",
+            "Attempts to open the discovery stream, by result.",
+            vec![Label::closed::<Outcome>("result")],
+        )?;
+        let snapshot_time = f.gauge(
+            "palisade_discovery_snapshot_timestamp_seconds",
+            "When the last discovery snapshot was applied (Unix time; 0 before the first). Its age is time() minus this.",
+        )?;
+        let addresses_known = f.int_gauge(
+            "palisade_discovery_addresses_known",
+            "Addresses discovery has told this sidecar about (workloads known).",
+        )?;
+        let updates = f.counter_vec(
+            "palisade_discovery_updates_total",
+            "Discovery messages (snapshots and changes), by result: applied, or refused whole.",
+            vec![Label::closed::<Outcome>("result")],
+        )?;
 
         // Present from the start, so increase() and absence checks see a zero.
         for result in Outcome::ALL {
             renewals.with_label_values(&[result.as_str()]);
+            stream_opens.with_label_values(&[result.as_str()]);
+            updates.with_label_values(&[result.as_str()]);
+        }
+        for kind in OutboundKind::ALL {
+            decisions.with_label_values(&[kind.as_str()]);
+        }
+        for reason in Refusal::ALL {
+            refusals.with_label_values(&[reason.as_str()]);
         }
         for d in Direction::ALL {
             let d = d.as_str();
@@ -226,6 +290,13 @@ impl Metrics {
             cert_not_before,
             renewals,
             bundle_roots,
+            decisions,
+            refusals,
+            stream_connected,
+            stream_opens,
+            snapshot_time,
+            addresses_known,
+            updates,
         };
         Ok((metrics, f.into_described()))
     }
@@ -308,6 +379,46 @@ impl Metrics {
     pub fn renewal(&self, result: Outcome) {
         self.renewals.with_label_values(&[result.as_str()]).inc();
     }
+
+    /// Counts what became of an outbound connection after discovery.
+    pub fn outbound_decision(&self, kind: OutboundKind) {
+        self.decisions.with_label_values(&[kind.as_str()]).inc();
+    }
+
+    /// Counts an outbound connection refused before a byte was sent.
+    pub fn outbound_refused(&self, reason: Refusal) {
+        self.outbound_decision(OutboundKind::Refused);
+        self.refusals.with_label_values(&[reason.as_str()]).inc();
+    }
+
+    /// Counts an attempt to open the discovery stream.
+    pub fn stream_open(&self, result: Outcome) {
+        self.stream_opens
+            .with_label_values(&[result.as_str()])
+            .inc();
+    }
+
+    /// Whether the discovery stream is open and synced.
+    pub fn stream_connected(&self, connected: bool) {
+        self.stream_connected.set(i64::from(connected));
+    }
+
+    /// Counts a discovery message; `known` is the address count after it,
+    /// and `snapshot` whether it was one (applied at `now`).
+    pub fn discovery_update(&self, result: Outcome, snapshot: bool, known: usize) {
+        self.updates.with_label_values(&[result.as_str()]).inc();
+        if result == Outcome::Success {
+            self.addresses_known
+                .set(i64::try_from(known).unwrap_or(i64::MAX));
+            if snapshot {
+                let now = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or_default();
+                self.snapshot_time.set(now);
+            }
+        }
+    }
 }
 
 // === impl ActiveGuard ===
@@ -351,6 +462,20 @@ mod tests {
         assert_eq!(Direction::names(), ["inbound", "outbound"]);
         assert_eq!(Security::names(), ["mtls", "plaintext"]);
         assert_eq!(Flow::names(), ["request", "response"]);
+        assert_eq!(
+            OutboundKind::names(),
+            ["meshed", "unmeshed", "unknown", "refused"]
+        );
+        assert_eq!(
+            Refusal::names(),
+            [
+                "conflict",
+                "unidentifiable",
+                "strict_unmeshed",
+                "strict_unknown",
+                "not_synced"
+            ]
+        );
     }
 
     #[test]

@@ -244,6 +244,12 @@ pub async fn identity_client(
     addr: SocketAddr,
     bundle_pem: &[u8],
 ) -> Result<IdentityClient<Channel>> {
+    Ok(IdentityClient::new(grpc_channel(addr, bundle_pem).await?))
+}
+
+/// A gRPC channel to the control plane at `addr` that trusts only
+/// `bundle_pem` and presents no client certificate.
+pub async fn grpc_channel(addr: SocketAddr, bundle_pem: &[u8]) -> Result<Channel> {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(bundle_pem))
         .domain_name("localhost");
@@ -253,7 +259,7 @@ pub async fn identity_client(
         .timeout(Duration::from_secs(10))
         .connect()
         .await?;
-    Ok(IdentityClient::new(channel))
+    Ok(channel)
 }
 
 /// A one-shot `GET path` over HTTP/1.1 with `Connection: close`; returns the

@@ -8,12 +8,14 @@
 //! - [`authn`]: the authenticator and its settings.
 //! - [`grpc`]: the identity API's address, serving names and bounds.
 //! - [`kubernetes`]: the injection webhook and the bundle publisher.
+//! - [`discovery`]: where discovery learns which workload is at which address.
 //!
 //! The logging flags are the ones both binaries share
 //! ([`palisade_runtime::telemetry::LogArgs`]).
 
 mod authn;
 mod ca;
+mod discovery;
 mod grpc;
 mod kubernetes;
 
@@ -27,6 +29,7 @@ use serde::Serialize;
 pub use self::{
     authn::{AuthenticatorConfig, AuthenticatorKind, AuthnArgs},
     ca::{CaArgs, InitArgs},
+    discovery::{DiscoveryArgs, DiscoverySource},
     grpc::GrpcArgs,
     kubernetes::{PublishArgs, WebhookArgs, WebhookConfig},
 };
@@ -82,6 +85,8 @@ pub struct ServeArgs {
     pub webhook: WebhookArgs,
     #[command(flatten)]
     pub publish: PublishArgs,
+    #[command(flatten)]
+    pub discovery: DiscoveryArgs,
 }
 
 /// The validated configuration of `serve`.
@@ -108,6 +113,8 @@ pub struct ServeConfig {
     pub webhook: Option<WebhookConfig>,
     /// Where the trust bundle is published in the cluster.
     pub publish: PublishConfig,
+    /// Where discovery comes from, when it is served.
+    pub discovery: Option<DiscoverySource>,
     pub log: LogConfig,
 }
 
@@ -158,6 +165,7 @@ impl ServeArgs {
             shutdown_grace: self.shutdown_grace,
             webhook: self.webhook.webhook(),
             publish: self.publish.into_config(self.authn.kube_timeout)?,
+            discovery: self.discovery.source()?,
             log,
         })
     }
@@ -213,6 +221,12 @@ mod tests {
                 "--webhook-configuration",
             ),
             (&["--publish-resync", "0s"][..], "--publish-resync"),
+            (&["--discovery-source", "file"][..], "--discovery-file"),
+            (
+                &["--discovery-file", "/d.yaml"][..],
+                "--discovery-file /d.yaml",
+            ),
+            (&["--discovery-source", "dns"][..], "--discovery-source"),
         ] {
             let err = parse(args).expect_err("invalid");
             assert!(err.contains(needle), "{args:?}: {err}");

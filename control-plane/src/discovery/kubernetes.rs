@@ -18,17 +18,25 @@ use kube::{
 use tracing::{debug, info, warn};
 
 use super::state::Discovery;
+use crate::metrics::Metrics;
 
 /// Follows every Pod of the cluster into `discovery` until the stream ends
-/// (it does not: errors are retried).
-pub async fn run(client: Client, discovery: Arc<Discovery>) {
+/// (it does not: errors are retried); `metrics` follow what it knows.
+pub async fn run(client: Client, discovery: Arc<Discovery>, metrics: Metrics) {
     let pods: Api<Pod> = Api::all(client);
     let mut events = watcher(pods, watcher::Config::default())
         .default_backoff()
         .boxed();
     let mut listing: Vec<Pod> = Vec::new();
     loop {
-        match events.try_next().await {
+        let event = events.try_next().await;
+        let changed = matches!(
+            event,
+            Ok(Some(
+                watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_)
+            ))
+        );
+        match event {
             Ok(Some(watcher::Event::Init)) => listing.clear(),
             Ok(Some(watcher::Event::InitApply(pod))) => listing.push(pod),
             Ok(Some(watcher::Event::InitDone)) => {
@@ -53,6 +61,13 @@ pub async fn run(client: Client, discovery: Arc<Discovery>) {
             }
             Ok(None) => return,
             Err(error) => warn!(%error, "discovery: watching pods failed; retrying"),
+        }
+        if changed {
+            metrics.discovery_known(
+                discovery.is_synced(),
+                discovery.workloads(),
+                discovery.addresses(),
+            );
         }
     }
 }

@@ -8,18 +8,19 @@
 //! - [`kubernetes`]: the `kubernetes` source, a kube-rs watcher on Pods.
 //! - [`state`]: the state the sources write and the streams read: one
 //!   directory, a broadcast of changes, and whether the sources have synced.
-//!
-//! The sources that feed it (kube-rs watchers, a watched file) and the
-//! stream to the sidecars come next (issue 13).
+//! - [`stream`]: the `Watch` stream: the caller's certificate and address,
+//!   the pod it is bound to, a snapshot and then the changes.
 
 pub mod file;
 pub mod kubernetes;
 pub mod model;
 pub mod state;
+pub mod stream;
 
 pub use self::{
     model::{Claim, Directory, Resolution, Workload},
     state::{BindError, Discovery},
+    stream::{Caller, DiscoveryService},
 };
 
 #[cfg(test)]

@@ -3,11 +3,15 @@
 //! One [`Directory`] behind a lock, and a broadcast of what changed. A
 //! stream subscribes and takes its snapshot under the same lock, so it sees
 //! every change after its snapshot and none twice. A stream that falls
-//! behind is told so by the broadcast (`Lagged`) and must start again from
-//! a fresh snapshot.
+//! behind is told so by the broadcast (`Lagged`) and starts again from a
+//! fresh snapshot.
+//!
+//! Only real changes are broadcast: the state keeps what it last published
+//! per address and drops a change that resolves the same (a pod's status
+//! moves on every readiness flip; its address and identity rarely do).
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     net::IpAddr,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
@@ -29,9 +33,16 @@ pub type Changes = Arc<Vec<(IpAddr, Option<Resolution>)>>;
 #[derive(Debug)]
 pub struct Discovery {
     trust_domain: TrustDomain,
-    directory: Mutex<Directory>,
+    directory: Mutex<Published>,
     changes: broadcast::Sender<Changes>,
     synced: watch::Sender<bool>,
+}
+
+/// The directory and what was last broadcast of it, under one lock.
+#[derive(Debug, Default)]
+struct Published {
+    directory: Directory,
+    resolutions: HashMap<IpAddr, Resolution>,
 }
 
 /// Why a caller's stream cannot be bound to a pod.
@@ -53,7 +64,7 @@ impl Discovery {
     pub fn new(trust_domain: TrustDomain) -> Arc<Self> {
         Arc::new(Self {
             trust_domain,
-            directory: Mutex::new(Directory::default()),
+            directory: Mutex::new(Published::default()),
             changes: broadcast::channel(CHANGES_BUFFERED).0,
             synced: watch::channel(false).0,
         })
@@ -63,7 +74,7 @@ impl Discovery {
         &self.trust_domain
     }
 
-    fn lock(&self) -> MutexGuard<'_, Directory> {
+    fn lock(&self) -> MutexGuard<'_, Published> {
         // Every update leaves the directory whole; a panic elsewhere does not
         // make it unusable.
         self.directory
@@ -94,40 +105,63 @@ impl Discovery {
     /// Changes the directory with `change` and broadcasts the resolutions of
     /// the addresses it names, under one lock.
     fn update(&self, change: impl FnOnce(&mut Directory, &TrustDomain) -> BTreeSet<IpAddr>) {
-        let mut directory = self.lock();
-        let changed = change(&mut directory, &self.trust_domain);
-        if changed.is_empty() {
+        let mut guard = self.lock();
+        let Published {
+            directory,
+            resolutions,
+        } = &mut *guard;
+        let changed = change(directory, &self.trust_domain);
+        let mut changes = Vec::new();
+        for address in changed {
+            let now = directory.resolve(address);
+            if now.as_ref() == resolutions.get(&address) {
+                continue;
+            }
+            match &now {
+                Some(resolution) => resolutions.insert(address, resolution.clone()),
+                None => resolutions.remove(&address),
+            };
+            changes.push((address, now));
+        }
+        if changes.is_empty() {
             return;
         }
-        let changes: Vec<_> = changed
-            .into_iter()
-            .map(|address| (address, directory.resolve(address)))
-            .collect();
         // No receiver is no error: no stream is open.
         let _ = self.changes.send(Arc::new(changes));
     }
 
-    /// The state now, and the changes after it.
+    /// The state now, in address order, and the changes after it.
     pub fn subscribe(&self) -> (Vec<(IpAddr, Resolution)>, broadcast::Receiver<Changes>) {
-        let directory = self.lock();
-        (directory.snapshot(), self.changes.subscribe())
+        let published = self.lock();
+        let mut snapshot: Vec<_> = published
+            .resolutions
+            .iter()
+            .map(|(a, r)| (*a, r.clone()))
+            .collect();
+        snapshot.sort_unstable_by_key(|(a, _)| *a);
+        (snapshot, self.changes.subscribe())
     }
 
     /// What `address` must answer with now.
     pub fn resolve(&self, address: IpAddr) -> Option<Resolution> {
-        self.lock().resolve(address)
+        self.lock().resolutions.get(&address).cloned()
     }
 
     /// How many live pods claim an address.
     pub fn workloads(&self) -> usize {
-        self.lock().workloads()
+        self.lock().directory.workloads()
+    }
+
+    /// How many addresses are known.
+    pub fn addresses(&self) -> usize {
+        self.lock().resolutions.len()
     }
 
     /// The one live, meshed pod at `address` whose identity is `identity`:
     /// the pod a caller's stream is bound to. Returns its `namespace/name`.
     pub fn bind(&self, address: IpAddr, identity: &SpiffeId) -> Result<String, BindError> {
-        let directory = self.lock();
-        let claimants = directory.claimants(address);
+        let published = self.lock();
+        let claimants = published.directory.claimants(address);
         let [pod] = claimants.as_slice() else {
             return Err(if claimants.is_empty() {
                 BindError::NoPod(address)

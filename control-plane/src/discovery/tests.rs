@@ -446,6 +446,7 @@ mod against_the_api_server {
         let source = tokio::spawn(kubernetes::run(
             api.client().expect("client"),
             discovery.clone(),
+            crate::metrics::Metrics::register(&prometheus::Registry::new()).expect("metrics"),
         ));
         tokio::time::timeout(WAIT, discovery.synced())
             .await

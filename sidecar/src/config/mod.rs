@@ -36,6 +36,7 @@ pub use self::{
     tls::TlsArgs,
 };
 use crate::{
+    discovery::StreamConfig,
     proxy::{Limits, inbound::InboundTarget, outbound::OutboundTarget},
     tls::TlsSettings,
 };
@@ -89,6 +90,8 @@ pub struct RunArgs {
 pub struct RunConfig {
     pub trust_domain: TrustDomain,
     pub credentials: CredentialSource,
+    /// The discovery stream, when outbound decisions come from it.
+    pub discovery: Option<StreamConfig>,
     /// (address, target) of every inbound listener.
     pub inbound: Listeners<InboundTarget>,
     /// (address, target) of every outbound listener.
@@ -127,11 +130,26 @@ impl Cli {
 impl RunArgs {
     /// Checks what clap cannot check alone.
     pub fn into_config(self) -> Result<RunConfig, ConfigError> {
-        let (inbound, outbound) = self.listeners.into_listeners(&self.trust_domain)?;
+        let discovery = self.listeners.discovery;
         let credentials = self
             .identity
             .into_source(&self.trust_domain, self.limits.connect_timeout)?;
+        let (inbound, outbound) = self.listeners.into_listeners(
+            &self.trust_domain,
+            matches!(credentials, CredentialSource::ControlPlane { .. }),
+        )?;
+        let discovery = match (&credentials, discovery) {
+            (CredentialSource::ControlPlane { client, schedule }, true) => Some(StreamConfig {
+                control_plane: client.control_plane.clone(),
+                server_name: client.server_name.clone(),
+                bundle_file: client.bundle_file.clone(),
+                connect_timeout: self.limits.connect_timeout,
+                retry: schedule.clone(),
+            }),
+            _ => None,
+        };
         Ok(RunConfig {
+            discovery,
             credentials,
             inbound,
             outbound,
@@ -229,6 +247,10 @@ mod tests {
             ),
             (&["--explicit-inbound", "nope"][..], "LISTEN=LOCAL_APP"),
             (&["--mesh-networks", "10.0.0.0/33"][..], "--mesh-networks"),
+            (&["--discovery", "true"][..], "needs --control-plane"),
+            (&["--outbound-mode", "strict"][..], "needs --discovery true"),
+            (&["--outbound-mode", "lenient"][..], "--outbound-mode"),
+            (&["--discovery-wait", "soon"][..], "--discovery-wait"),
             (&["--control-plane", "https://cp:15012"][..], "--identity"),
             (
                 &[

@@ -9,10 +9,13 @@ use palisade_proto::{SpiffeId, TrustDomain};
 use serde::Serialize;
 
 use super::ConfigError;
-use crate::proxy::{
-    Limits,
-    inbound::{InboundTarget, Mode},
-    outbound::OutboundTarget,
+use crate::{
+    discovery::OutboundMode,
+    proxy::{
+        Limits,
+        inbound::{InboundTarget, Mode},
+        outbound::{OutboundTarget, Routing},
+    },
 };
 
 /// Flags of `run` for the listeners, transparent and explicit.
@@ -45,7 +48,21 @@ pub struct ListenerArgs {
         default_value = "permissive"
     )]
     pub inbound_mode: Mode,
-    /// Destinations in these networks are mesh peers; others pass through untouched.
+    /// Decide outbound per destination from the control plane's discovery stream (needs --control-plane).
+    #[arg(long, env = "PALISADE_DISCOVERY", default_value_t = false, action = ArgAction::Set)]
+    pub discovery: bool,
+    /// With discovery: plain TCP to unmeshed and unknown destinations (permissive), or no plain TCP to any address discovery knows or inside --mesh-networks (strict).
+    #[arg(
+        long,
+        env = "PALISADE_OUTBOUND_MODE",
+        value_enum,
+        default_value = "permissive"
+    )]
+    pub outbound_mode: OutboundMode,
+    /// With discovery: outbound connections wait this long for the first snapshot, then are refused.
+    #[arg(long, env = "PALISADE_DISCOVERY_WAIT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub discovery_wait: Duration,
+    /// Without discovery: destinations in these networks are mesh peers (any identity of the trust domain), others pass through untouched. With discovery: the cluster's networks, which strict mode keeps plain TCP out of.
     #[arg(
         long,
         env = "PALISADE_MESH_NETWORKS",
@@ -116,10 +133,31 @@ pub type Listeners<T> = Vec<(SocketAddr, T)>;
 impl ListenerArgs {
     /// The inbound and outbound listeners; explicit outbound identities must
     /// belong to `trust_domain`, and at least one listener must run.
+    /// `control_plane` says whether certificates come from a control plane,
+    /// which discovery needs.
     pub fn into_listeners(
         self,
         trust_domain: &TrustDomain,
+        control_plane: bool,
     ) -> Result<(Listeners<InboundTarget>, Listeners<OutboundTarget>), ConfigError> {
+        if self.discovery && !control_plane {
+            return Err(ConfigError {
+                flag: "--discovery",
+                value: "true".into(),
+                why: "the stream goes to the control plane and presents its certificate: it needs --control-plane",
+            });
+        }
+        if self.outbound_mode == OutboundMode::Strict && !self.discovery {
+            return Err(ConfigError {
+                flag: "--outbound-mode",
+                value: "strict".into(),
+                why: "strict mode refuses what discovery knows as unmeshed: it needs --discovery true",
+            });
+        }
+        let routing = self.discovery.then_some(Routing {
+            mode: self.outbound_mode,
+            wait: self.discovery_wait,
+        });
         let mut inbound = Vec::new();
         let mut outbound = Vec::new();
         if self.transparent {
@@ -140,6 +178,7 @@ impl ListenerArgs {
                     OutboundTarget::Transparent {
                         mesh_networks: self.mesh_networks.clone(),
                         exclude_ports: self.exclude_outbound_ports.iter().copied().collect(),
+                        discovery: routing,
                     },
                 ));
             }

@@ -21,6 +21,7 @@ use std::{
     collections::HashMap,
     net::IpAddr,
     sync::{PoisonError, RwLock},
+    time::Duration,
 };
 
 use ipnet::IpNet;
@@ -28,6 +29,12 @@ use palisade_proto::{
     SpiffeId,
     discovery::{self, Resolution, WireError, v1::WatchResponse},
 };
+use serde::Serialize;
+use tokio::sync::watch;
+
+pub mod client;
+
+pub use client::{DiscoveryClient, StreamConfig};
 
 #[cfg(test)]
 mod tests;
@@ -52,8 +59,12 @@ pub enum Kind {
     Unknown,
 }
 
-/// Why an outbound connection is refused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Why an outbound connection is refused: the `reason` of
+/// `palisade_outbound_refusals_total`.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr, strum::VariantArray, strum::Display,
+)]
+#[strum(serialize_all = "snake_case")]
 pub enum Refusal {
     /// More than one live pod claims the address.
     Conflict,
@@ -63,10 +74,13 @@ pub enum Refusal {
     StrictUnmeshed,
     /// Strict mode: plain TCP into the cluster networks.
     StrictUnknown,
+    /// Discovery delivered no snapshot within `--discovery-wait`.
+    NotSynced,
 }
 
 /// Whether plain TCP is allowed where mesh TLS is not possible.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum OutboundMode {
     /// Plain TCP to unmeshed and unknown addresses, counted.
     #[default]
@@ -99,10 +113,12 @@ pub fn decide(
 }
 
 /// Per address, what must answer there.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Destinations {
     /// `None` until the first snapshot.
     known: RwLock<Option<HashMap<IpAddr, Resolution>>>,
+    /// Set once the first snapshot is in.
+    synced: watch::Sender<bool>,
 }
 
 /// What one stream message changed.
@@ -114,6 +130,15 @@ pub struct Applied {
     pub set: usize,
     /// Addresses dropped.
     pub removed: usize,
+}
+
+impl Default for Destinations {
+    fn default() -> Self {
+        Self {
+            known: RwLock::new(None),
+            synced: watch::Sender::new(false),
+        }
+    }
 }
 
 impl Destinations {
@@ -145,7 +170,20 @@ impl Destinations {
             removed: removed.len(),
         };
         map.extend(set);
+        drop(known);
+        if message.snapshot {
+            self.synced.send_replace(true);
+        }
         Ok(applied)
+    }
+
+    /// Waits at most `limit` for the first snapshot; whether it is in.
+    pub async fn wait_synced(&self, limit: Duration) -> bool {
+        let mut synced = self.synced.subscribe();
+        // The sender lives in `self`: it cannot be dropped while we wait.
+        tokio::time::timeout(limit, synced.wait_for(|s| *s))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// What must answer at `address`: `Err` before the first snapshot,

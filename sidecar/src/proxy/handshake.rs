@@ -12,7 +12,7 @@ use std::{future::Future, io, time::Instant};
 
 use rustls::{CertificateError, Error};
 use tokio::{io::AsyncWriteExt, net::TcpStream};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::Proxy;
 use crate::{
@@ -86,7 +86,14 @@ where
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(error)) => {
             let reason = classify(&error);
-            debug!(reason = reason.as_str(), %error, "the TLS handshake failed");
+            if reason == HandshakeFailure::UnexpectedIdentity {
+                // An impersonation, or discovery and the peer disagree: an
+                // operator must see it (the span names the destination; the
+                // error, the expected and the presented identity).
+                warn!(reason = reason.as_str(), %error, "refused: the peer is not the identity required here");
+            } else {
+                debug!(reason = reason.as_str(), %error, "the TLS handshake failed");
+            }
             Err(reason)
         }
         Err(_) => {

@@ -39,6 +39,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, Span, debug, warn};
 
 use crate::{
+    discovery::Destinations,
     metrics::{HandshakeFailure, Metrics},
     policy::PolicyStore,
     tls::{CertStore, TlsConfigs},
@@ -68,6 +69,9 @@ pub struct Proxy {
     pub store: Arc<CertStore>,
     /// The inbound authorization policy.
     pub policy: Arc<PolicyStore>,
+    /// What discovery says must answer at each address (empty, and unused,
+    /// without discovery).
+    pub destinations: Arc<Destinations>,
     /// Where connections are counted.
     pub metrics: Metrics,
     /// Timeouts.
@@ -90,6 +94,7 @@ impl Proxy {
         Self {
             store,
             policy,
+            destinations: Arc::new(Destinations::default()),
             metrics,
             limits,
             connections: Arc::new(Semaphore::new(max_connections.max(1))),

@@ -1,9 +1,20 @@
-//! Outbound: the app connects out. Destinations in the mesh networks get mesh
-//! TLS to the same address and port, verified against the bundle and the
-//! trust domain (and, for explicit listeners, the expected identity); other
-//! destinations and excluded ports are relayed as they are.
+//! Outbound: the app connects out.
+//!
+//! With discovery, the control plane decides per destination address
+//! ([`crate::discovery::decide`]): a meshed workload gets mesh TLS to the
+//! same address and port, and its server must present exactly the identity
+//! discovery names; a pod without a sidecar, or an address discovery does
+//! not know, gets plain TCP (counted, and refused in strict mode); an
+//! address two live pods claim is refused. Nothing of the app's data is
+//! sent before the decision and, for mesh TLS, the verified handshake.
+//!
+//! Without discovery (explicit setups), destinations in the mesh networks
+//! get mesh TLS verified against the bundle and the trust domain only, and
+//! other destinations are relayed as they are. Explicit listeners always
+//! require their configured identity. Excluded ports are relayed as they
+//! are in both cases.
 
-use std::{collections::HashSet, convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{collections::HashSet, convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use ipnet::IpNet;
 use palisade_proto::SpiffeId;
@@ -11,7 +22,7 @@ use rustls::pki_types::ServerName;
 use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{
     Proxy,
@@ -22,7 +33,8 @@ use super::{
     relay::relay,
 };
 use crate::{
-    metrics::{Direction::Outbound, HandshakeFailure, Security},
+    discovery::{Decision, Kind, OutboundMode, Refusal as Refused, decide},
+    metrics::{Direction::Outbound, HandshakeFailure, OutboundKind, Security},
     tls::spiffe_id,
 };
 
@@ -31,10 +43,13 @@ use crate::{
 pub enum OutboundTarget {
     /// Captured by iptables: to the original destination.
     Transparent {
-        /// Destinations inside these networks are mesh peers.
+        /// Without discovery, destinations inside these networks are mesh
+        /// peers; with it, the cluster networks strict mode protects.
         mesh_networks: Vec<IpNet>,
         /// Destination ports never wrapped in mesh TLS.
         exclude_ports: HashSet<u16>,
+        /// Decide per destination from discovery.
+        discovery: Option<Routing>,
     },
     /// An explicit listener: always mesh TLS to `upstream`, which must be `identity`.
     Explicit {
@@ -43,16 +58,29 @@ pub enum OutboundTarget {
     },
 }
 
+/// How outbound connections follow discovery.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Routing {
+    /// Whether plain TCP is allowed where mesh TLS is not possible.
+    pub mode: OutboundMode,
+    /// Connections wait this long for the first snapshot, then are refused.
+    #[serde(with = "humantime_serde")]
+    pub wait: Duration,
+}
+
 /// The mesh TLS handshake with a peer, still to drive.
 type Connect = tokio_rustls::Connect<ReadAhead<TcpStream>>;
 
 /// Handles one accepted outbound connection.
 pub async fn handle(proxy: Arc<Proxy>, target: Arc<OutboundTarget>, tcp: TcpStream) {
     let (dst, expected, mesh) = match &*target {
-        OutboundTarget::Explicit { upstream, identity } => (upstream.clone(), Some(identity), true),
+        OutboundTarget::Explicit { upstream, identity } => {
+            (upstream.clone(), Some(identity.clone()), true)
+        }
         OutboundTarget::Transparent {
             mesh_networks,
             exclude_ports,
+            discovery,
         } => {
             let dst = match original_dst(&tcp) {
                 Ok(dst) if Some(dst) != tcp.local_addr().ok() => dst,
@@ -65,8 +93,19 @@ pub async fn handle(proxy: Arc<Proxy>, target: Arc<OutboundTarget>, tcp: TcpStre
                     return;
                 }
             };
-            let mesh = !exclude_ports.contains(&dst.port()) && in_networks(mesh_networks, dst);
-            (dst.to_string(), None, mesh)
+            tracing::Span::current().record("dst", tracing::field::display(&dst));
+            if exclude_ports.contains(&dst.port()) {
+                passthrough(&proxy, tcp, &dst.to_string()).await;
+                return;
+            }
+            match discovery {
+                None => (dst.to_string(), None, in_networks(mesh_networks, dst)),
+                Some(routing) => match route(&proxy, routing, mesh_networks, dst).await {
+                    Decision::Mesh(id) => (dst.to_string(), Some(id), true),
+                    Decision::Plain(_) => (dst.to_string(), None, false),
+                    Decision::Refuse(_) => return,
+                },
+            }
         }
     };
     tracing::Span::current().record("dst", tracing::field::display(&dst));
@@ -75,7 +114,7 @@ pub async fn handle(proxy: Arc<Proxy>, target: Arc<OutboundTarget>, tcp: TcpStre
         passthrough(&proxy, tcp, &dst).await;
         return;
     }
-    let ready = connect_mesh(&proxy, &dst, expected).await;
+    let ready = connect_mesh(&proxy, &dst, expected.as_ref()).await;
     let Some(Secured::Mesh(tls)) = handshake::run(&proxy, Outbound, ready).await else {
         return;
     };
@@ -93,6 +132,41 @@ pub async fn handle(proxy: Arc<Proxy>, target: Arc<OutboundTarget>, tcp: TcpStre
         Ok((sent, received)) => debug!(sent, received, "outbound connection closed"),
         Err(error) => debug!(%error, "outbound connection ended with an error"),
     }
+}
+
+/// What discovery says of `dst`, waiting for the first snapshot at most
+/// `routing.wait`; counted, and a refusal logged, here and only here.
+async fn route(
+    proxy: &Proxy,
+    routing: &Routing,
+    cluster_networks: &[IpNet],
+    dst: SocketAddr,
+) -> Decision {
+    let address = dst.ip().to_canonical();
+    let resolution = match proxy.destinations.resolve(address) {
+        Ok(resolution) => Ok(resolution),
+        Err(_) if proxy.destinations.wait_synced(routing.wait).await => {
+            proxy.destinations.resolve(address)
+        }
+        Err(not_synced) => Err(not_synced),
+    };
+    let decision = match resolution {
+        Ok(resolution) => decide(resolution.as_ref(), address, routing.mode, cluster_networks),
+        Err(_) => Decision::Refuse(Refused::NotSynced),
+    };
+    match &decision {
+        Decision::Mesh(id) => {
+            proxy.metrics.outbound_decision(OutboundKind::Meshed);
+            debug!(expected = %id, "outbound: a meshed workload");
+        }
+        Decision::Plain(Kind::Unmeshed) => proxy.metrics.outbound_decision(OutboundKind::Unmeshed),
+        Decision::Plain(Kind::Unknown) => proxy.metrics.outbound_decision(OutboundKind::Unknown),
+        Decision::Refuse(reason) => {
+            proxy.metrics.outbound_refused(*reason);
+            warn!(destination = %dst, %reason, "outbound: refused before a byte was sent");
+        }
+    }
+    decision
 }
 
 /// Connects to a mesh peer and prepares the TLS handshake that must find

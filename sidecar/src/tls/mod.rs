@@ -2,12 +2,14 @@
 //! peers named by SPIFFE ID.
 //!
 //! - [`store`]: the validated, atomically swapped TLS configurations.
-//! - [`verifier`]: chain + SPIFFE ID verifiers for both sides.
+//! - [`verifier`]: chain + SPIFFE ID verifiers for both sides (shared with
+//!   the control plane, in `palisade-runtime`).
 //! - [`files`]: credentials from a watched directory (file mode).
 
 pub mod files;
 pub mod store;
-pub mod verifier;
+
+pub use palisade_runtime::verifier;
 
 pub use self::{
     store::{CertStore, KxGroup, Material, StoreError, Suite, TlsConfigs, TlsSettings},

@@ -91,7 +91,7 @@ pub enum StoreError {
 
 /// Serves one fixed certificate on both sides.
 #[derive(Debug)]
-struct Fixed(Arc<CertifiedKey>);
+pub(crate) struct Fixed(pub(crate) Arc<CertifiedKey>);
 
 impl fmt::Debug for Material {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -262,6 +262,16 @@ impl TlsConfigs {
         roots: &[CertificateDer<'_>],
     ) -> bool {
         self.key.cert == chain && self.bundle == roots
+    }
+
+    /// The roots of the trust bundle.
+    pub fn bundle(&self) -> &[CertificateDer<'static>] {
+        &self.bundle
+    }
+
+    /// Our certificate and key, for a TLS client of our own.
+    pub fn certified_key(&self) -> Arc<CertifiedKey> {
+        self.key.clone()
     }
 
     /// Our identity.

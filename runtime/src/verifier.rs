@@ -6,8 +6,16 @@
 //! parses as a [`SpiffeId`] of our trust domain, and, when the caller knows
 //! whom it dials, that exact identity. The TLS server name is not used: a
 //! connection without SNI is normal here.
+//!
+//! The sidecar uses [`SpiffeServerVerifier`] and [`SpiffeClientVerifier`],
+//! rebuilt with every certificate it installs. The control plane's gRPC port
+//! uses [`OptionalClientVerifier`]: `Certify` callers have no certificate
+//! yet, discovery callers must present one, and the roots follow the CA's
+//! bundle without a new TLS configuration.
 
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use palisade_proto::{SpiffeId, TrustDomain};
 use rustls::{
@@ -57,6 +65,14 @@ pub struct SpiffeClientVerifier {
     checker: Arc<Checker>,
 }
 
+/// Verifies mesh clients that may also come without a certificate, against
+/// anchors that can be replaced while it is in use. A certificate that is
+/// presented must verify; only its absence is allowed.
+#[derive(Debug)]
+pub struct OptionalClientVerifier {
+    checker: ArcSwap<Checker>,
+}
+
 /// The trust anchors and rules both verifiers share.
 #[derive(Clone, Debug)]
 pub struct Verification(Arc<Checker>);
@@ -93,6 +109,14 @@ impl Verification {
     pub fn client_verifier(&self) -> Arc<SpiffeClientVerifier> {
         Arc::new(SpiffeClientVerifier {
             checker: self.0.clone(),
+        })
+    }
+
+    /// A verifier for clients that may come without a certificate, whose
+    /// anchors [`OptionalClientVerifier::replace`] changes.
+    pub fn optional_client_verifier(&self) -> Arc<OptionalClientVerifier> {
+        Arc::new(OptionalClientVerifier {
+            checker: ArcSwap::new(self.0.clone()),
         })
     }
 
@@ -194,17 +218,18 @@ fn pki_error(e: webpki::Error) -> Error {
     })
 }
 
-/// The handshake-signature methods both verifier traits require, checked
-/// with the provider's algorithms.
+/// The handshake-signature methods every verifier trait requires, checked
+/// with the provider's algorithms (`$algorithms` reaches them from `self`).
 macro_rules! handshake_signatures {
-    () => {
+    ($this:ident => $algorithms:expr) => {
         fn verify_tls12_signature(
             &self,
             message: &[u8],
             cert: &CertificateDer<'_>,
             dss: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, Error> {
-            verify_tls12_signature(message, cert, dss, &self.checker.algorithms)
+            let $this = self;
+            verify_tls12_signature(message, cert, dss, &$algorithms)
         }
 
         fn verify_tls13_signature(
@@ -213,11 +238,13 @@ macro_rules! handshake_signatures {
             cert: &CertificateDer<'_>,
             dss: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, Error> {
-            verify_tls13_signature(message, cert, dss, &self.checker.algorithms)
+            let $this = self;
+            verify_tls13_signature(message, cert, dss, &$algorithms)
         }
 
         fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.checker.algorithms.supported_schemes()
+            let $this = self;
+            $algorithms.supported_schemes()
         }
     };
 }
@@ -243,7 +270,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         Ok(ServerCertVerified::assertion())
     }
 
-    handshake_signatures!();
+    handshake_signatures!(this => this.checker.algorithms);
 }
 
 // === impl SpiffeClientVerifier ===
@@ -268,5 +295,38 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         true
     }
 
-    handshake_signatures!();
+    handshake_signatures!(this => this.checker.algorithms);
+}
+
+// === impl OptionalClientVerifier ===
+
+impl OptionalClientVerifier {
+    /// Verifies with `verification`'s anchors from the next handshake on.
+    pub fn replace(&self, verification: &Verification) {
+        self.checker.store(verification.0.clone());
+    }
+}
+
+impl ClientCertVerifier for OptionalClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        self.checker
+            .load()
+            .verify(end_entity, intermediates, now, true, None)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    handshake_signatures!(this => this.checker.load().algorithms);
 }

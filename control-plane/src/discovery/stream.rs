@@ -1,0 +1,247 @@
+//! The `Watch` stream: who may open one, which pod it is bound to, and what
+//! it sends.
+//!
+//! A caller must present a mesh client certificate, verified in the TLS
+//! handshake against the CA's bundle ([`crate::grpc`] hands its identity
+//! over as [`Caller`]). The stream is then bound to the one live, meshed pod
+//! at the address the connection comes from whose identity is the
+//! certificate's: a certificate stolen from one pod cannot open a stream
+//! from another address, and a pod cannot pose as another service account.
+//! The binding is checked again whenever the caller's own address changes,
+//! and the stream ends when the certificate expires, so a caller always
+//! reconnects with the certificate it renewed.
+//!
+//! What is sent: a snapshot of every known address, then each batch of
+//! changes as the sources make it. A stream that falls too far behind the
+//! broadcast gets a fresh snapshot instead of the changes it missed.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::Arc,
+    time::SystemTime,
+};
+
+use futures::Stream;
+use palisade_proto::{
+    SpiffeId,
+    discovery::{
+        Resolution, encode, encode_ip,
+        v1::{WatchRequest, WatchResponse, discovery_server::Discovery as DiscoveryApi},
+    },
+};
+use tokio::sync::broadcast::{Receiver, error::RecvError};
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
+
+use super::state::{BindError, Changes, Discovery};
+use crate::metrics::{ActiveStream, Metrics, StreamEnd, StreamRefusal};
+
+/// Who is on the other end of a gRPC connection, as its TLS handshake
+/// established it; tonic puts it into every request's extensions.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// The address the connection comes from.
+    pub addr: SocketAddr,
+    /// The verified client certificate's identity and notAfter, when the
+    /// caller presented one.
+    pub certificate: Option<(SpiffeId, SystemTime)>,
+}
+
+/// The discovery API.
+#[derive(Clone, Debug)]
+pub struct DiscoveryService {
+    discovery: Arc<Discovery>,
+    metrics: Metrics,
+}
+
+/// A stream's state between messages.
+struct Watch {
+    discovery: Arc<Discovery>,
+    metrics: Metrics,
+    changes: Receiver<Changes>,
+    /// The first message still to send.
+    snapshot: Option<Vec<(IpAddr, Resolution)>>,
+    address: IpAddr,
+    identity: SpiffeId,
+    pod: String,
+    expires: tokio::time::Instant,
+    ended: bool,
+    _active: ActiveStream,
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
+
+// === impl DiscoveryService ===
+
+impl DiscoveryService {
+    pub fn new(discovery: Arc<Discovery>, metrics: Metrics) -> Self {
+        Self { discovery, metrics }
+    }
+
+    /// Authenticates and binds the caller, or says why not.
+    fn admit(&self, caller: Option<&Caller>) -> Result<Watch, (StreamRefusal, Status)> {
+        let Some(Caller {
+            addr,
+            certificate: Some((identity, not_after)),
+        }) = caller
+        else {
+            return Err((
+                StreamRefusal::NoClientCert,
+                Status::unauthenticated(
+                    "discovery needs a mesh client certificate: connect with the sidecar's certificate",
+                ),
+            ));
+        };
+        if !self.discovery.is_synced() {
+            return Err((
+                StreamRefusal::NotSynced,
+                Status::unavailable(
+                    "the control plane has not synced its discovery sources yet; retry",
+                ),
+            ));
+        }
+        let address = addr.ip().to_canonical();
+        let pod = self.discovery.bind(address, identity).map_err(|error| {
+            let reason = match error {
+                BindError::NoPod(_) => StreamRefusal::NoPod,
+                BindError::Contested(_) => StreamRefusal::Contested,
+                BindError::OtherIdentity { .. } => StreamRefusal::OtherIdentity,
+            };
+            (reason, Status::permission_denied(error.to_string()))
+        })?;
+        let (snapshot, changes) = self.discovery.subscribe();
+        let left = not_after
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        Ok(Watch {
+            discovery: self.discovery.clone(),
+            metrics: self.metrics.clone(),
+            changes,
+            snapshot: Some(snapshot),
+            address,
+            identity: identity.clone(),
+            pod,
+            expires: tokio::time::Instant::now() + left,
+            ended: false,
+            _active: self.metrics.stream_opened(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl DiscoveryApi for DiscoveryService {
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let caller = request.extensions().get::<Caller>();
+        let watch = match self.admit(caller) {
+            Ok(watch) => watch,
+            Err((reason, status)) => {
+                self.metrics.stream_refused(reason);
+                warn!(
+                    peer = ?caller.map(|c| c.addr),
+                    identity = ?caller.and_then(|c| c.certificate.as_ref()).map(|(id, _)| id.as_str()),
+                    %reason,
+                    error = status.message(),
+                    "discovery: refused a stream"
+                );
+                return Err(status);
+            }
+        };
+        info!(pod = %watch.pod, identity = %watch.identity, address = %watch.address, "discovery: stream open");
+        let stream = futures::stream::unfold(watch, |mut watch| async move {
+            let item = watch.next().await?;
+            Some((item, watch))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+// === impl Watch ===
+
+impl Watch {
+    /// The next message, the error that ends the stream, or `None` after it.
+    async fn next(&mut self) -> Option<Result<WatchResponse, Status>> {
+        if self.ended {
+            return None;
+        }
+        if let Some(snapshot) = self.snapshot.take() {
+            return Some(Ok(WatchResponse {
+                snapshot: true,
+                addresses: snapshot.iter().map(|(a, r)| encode(*a, r)).collect(),
+                removed: Vec::new(),
+            }));
+        }
+        tokio::select! {
+            () = tokio::time::sleep_until(self.expires) => {
+                self.end(StreamEnd::CertificateExpired);
+                Some(Err(Status::unauthenticated(
+                    "the client certificate expired; reconnect with the renewed one",
+                )))
+            }
+            received = self.changes.recv() => match received {
+                Ok(changes) => Some(self.changed(&changes)),
+                Err(RecvError::Lagged(missed)) => {
+                    debug!(missed, pod = %self.pod, "discovery: stream fell behind; sending a fresh snapshot");
+                    self.metrics.stream_resynced();
+                    let (snapshot, changes) = self.discovery.subscribe();
+                    self.changes = changes;
+                    self.snapshot = Some(snapshot);
+                    Box::pin(self.next()).await
+                }
+                Err(RecvError::Closed) => {
+                    self.end(StreamEnd::Shutdown);
+                    None
+                }
+            },
+        }
+    }
+
+    /// One batch as a message; the stream ends instead when the batch moved
+    /// the caller's own address away from its pod.
+    fn changed(&mut self, changes: &Changes) -> Result<WatchResponse, Status> {
+        if changes.iter().any(|(a, _)| *a == self.address)
+            && let Err(error) = self.discovery.bind(self.address, &self.identity)
+        {
+            info!(pod = %self.pod, %error, "discovery: the caller's pod is gone; ending its stream");
+            self.end(StreamEnd::Unbound);
+            return Err(Status::permission_denied(error.to_string()));
+        }
+        let mut message = WatchResponse::default();
+        for (address, resolution) in changes.iter() {
+            match resolution {
+                Some(r) => message.addresses.push(encode(*address, r)),
+                None => message.removed.push(encode_ip(*address)),
+            }
+        }
+        self.metrics.update_sent();
+        Ok(message)
+    }
+
+    fn end(&mut self, why: StreamEnd) {
+        self.ended = true;
+        self.metrics.stream_ended(why);
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.metrics.stream_ended(StreamEnd::Closed);
+            debug!(pod = %self.pod, "discovery: stream closed by the caller");
+        }
+    }
+}
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watch")
+            .field("pod", &self.pod)
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,300 @@
+//! The discovery stream's client: one long-lived `Watch` to the control
+//! plane, applied to [`Destinations`].
+//!
+//! The stream is opened over TLS that proves both sides: the control plane's
+//! serving certificate is checked against the bundle file and the mesh's
+//! current roots (as `Certify` does), and the sidecar presents its own mesh
+//! certificate, which the control plane checks against the address the
+//! connection comes from. So the stream waits for the first certificate, and
+//! every reconnect presents the certificate in use then.
+//!
+//! A lost stream keeps the last state in use (connections keep being decided
+//! on what was known) and reconnects with capped, jittered exponential
+//! backoff; a reconnect starts again from a fresh snapshot. A message that
+//! does not decode is refused whole, counted, and answered by reconnecting.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use palisade_proto::discovery::v1::{
+    WatchRequest, discovery_client::DiscoveryClient as GrpcClient,
+};
+use palisade_runtime::metrics::Outcome;
+use rustls::{
+    ClientConfig, RootCertStore,
+    client::WebPkiServerVerifier,
+    pki_types::{CertificateDer, ServerName},
+};
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tracing::{debug, info, warn};
+
+use super::{ApplyError, Destinations};
+use crate::{
+    identity::refresh::Schedule,
+    metrics::Metrics,
+    tls::{CertStore, TlsConfigs, store::Fixed},
+};
+
+/// Largest message accepted: a snapshot of a large cluster (10,000 pods
+/// take about 600 KB).
+const MAX_MESSAGE: usize = 16 * 1024 * 1024;
+
+/// Where the stream goes and how it retries.
+#[derive(Clone, Debug, Serialize)]
+pub struct StreamConfig {
+    /// `https://host:port` of the control plane's gRPC API.
+    pub control_plane: String,
+    /// The DNS name in the control plane's serving certificate.
+    pub server_name: String,
+    /// PEM file with the roots that may sign the control plane's certificate.
+    pub bundle_file: PathBuf,
+    /// Connecting (TCP and TLS) gives up after this long.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// The reconnect backoff (its base and cap).
+    pub retry: Schedule,
+}
+
+/// Keeps [`Destinations`] in step with the control plane.
+#[derive(Debug)]
+pub struct DiscoveryClient {
+    config: StreamConfig,
+    store: Arc<CertStore>,
+    destinations: Arc<Destinations>,
+    metrics: Metrics,
+}
+
+/// Why a stream could not be opened or ended.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("cannot read the trust bundle {path}: {error}")]
+    Bundle {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("the trust bundle {path} holds no usable root")]
+    NoRoots { path: PathBuf },
+    #[error("the control plane address {addr} is not https://HOST:PORT")]
+    Address { addr: String },
+    #[error("cannot reach the control plane at {addr}: {error}")]
+    Connect {
+        addr: String,
+        error: tonic::transport::Error,
+    },
+    #[error("the control plane at {addr} refused the discovery stream ({code:?}): {message}")]
+    Refused {
+        addr: String,
+        code: tonic::Code,
+        message: String,
+    },
+    #[error("the control plane ended the discovery stream")]
+    Ended,
+    #[error("refused a discovery message: {0}")]
+    Apply(#[from] ApplyError),
+}
+
+// === impl DiscoveryClient ===
+
+impl DiscoveryClient {
+    pub fn new(
+        config: StreamConfig,
+        store: Arc<CertStore>,
+        destinations: Arc<Destinations>,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            config,
+            store,
+            destinations,
+            metrics,
+        }
+    }
+
+    /// Follows the control plane until `stop`.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut certificates = self.store.subscribe();
+        let mut failures = 0u32;
+        loop {
+            // Without a certificate there is nothing to present yet.
+            let Some(configs) = self.store.current() else {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = certificates.changed() => continue,
+                }
+            };
+            let synced = tokio::select! {
+                () = stop.cancelled() => return,
+                result = self.follow(&configs) => result,
+            };
+            self.metrics.stream_connected(false);
+            let (delivered, error) = synced;
+            if delivered {
+                failures = 0;
+            }
+            let wait =
+                self.config
+                    .retry
+                    .backoff(failures, Duration::ZERO, rand::random_range(0.0..=1.0));
+            failures = failures.saturating_add(1);
+            warn!(
+                %error,
+                retry_in = ?wait,
+                known = self.destinations.len(),
+                "discovery: the stream is down; the last state stays in use"
+            );
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Opens one stream and applies it until it fails. Returns whether it
+    /// delivered a snapshot, and why it ended.
+    async fn follow(&self, configs: &TlsConfigs) -> (bool, StreamError) {
+        let addr = &self.config.control_plane;
+        let stream = async {
+            let channel = self.connect(configs).await?;
+            GrpcClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE)
+                .watch(WatchRequest {})
+                .await
+                .map_err(|status| StreamError::Refused {
+                    addr: addr.clone(),
+                    code: status.code(),
+                    message: status.message().to_owned(),
+                })
+        }
+        .await;
+        let mut stream = match stream {
+            Ok(response) => {
+                self.metrics.stream_open(Outcome::Success);
+                response.into_inner()
+            }
+            Err(error) => {
+                self.metrics.stream_open(Outcome::Failure);
+                return (false, error);
+            }
+        };
+        let mut delivered = false;
+        loop {
+            let message = match stream.message().await {
+                Ok(Some(message)) => message,
+                Ok(None) => return (delivered, StreamError::Ended),
+                Err(status) => {
+                    return (
+                        delivered,
+                        StreamError::Refused {
+                            addr: addr.clone(),
+                            code: status.code(),
+                            message: status.message().to_owned(),
+                        },
+                    );
+                }
+            };
+            match self.destinations.apply(&message) {
+                Ok(applied) => {
+                    let known = self.destinations.len();
+                    self.metrics
+                        .discovery_update(Outcome::Success, applied.snapshot, known);
+                    if applied.snapshot {
+                        delivered = true;
+                        self.metrics.stream_connected(true);
+                        info!(addresses = known, "discovery: snapshot applied");
+                    } else {
+                        debug!(
+                            set = applied.set,
+                            removed = applied.removed,
+                            "discovery: changes applied"
+                        );
+                    }
+                }
+                Err(error) => {
+                    self.metrics.discovery_update(Outcome::Failure, false, 0);
+                    return (delivered, error.into());
+                }
+            }
+        }
+    }
+
+    /// A channel to the control plane over TLS that presents `configs`'
+    /// certificate.
+    async fn connect(&self, configs: &TlsConfigs) -> Result<Channel, StreamError> {
+        let c = &self.config;
+        let pem = std::fs::read(&c.bundle_file).map_err(|error| StreamError::Bundle {
+            path: c.bundle_file.clone(),
+            error,
+        })?;
+        let mut roots = RootCertStore::empty();
+        let from_file = ::pem::parse_many(&pem)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| p.tag() == "CERTIFICATE")
+            .map(|p| CertificateDer::from(p.into_contents()));
+        let (added, _) =
+            roots.add_parsable_certificates(from_file.chain(configs.bundle().iter().cloned()));
+        if added == 0 {
+            return Err(StreamError::NoRoots {
+                path: c.bundle_file.clone(),
+            });
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let verifier =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|_| StreamError::NoRoots {
+                    path: c.bundle_file.clone(),
+                })?;
+        let mut tls = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|_| StreamError::NoRoots {
+                path: c.bundle_file.clone(),
+            })?
+            .with_webpki_verifier(verifier)
+            .with_client_cert_resolver(Arc::new(Fixed(configs.certified_key())));
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+
+        let address_error = || StreamError::Address {
+            addr: c.control_plane.clone(),
+        };
+        let uri: Uri = c.control_plane.parse().map_err(|_| address_error())?;
+        let authority = uri.authority().ok_or_else(address_error)?.clone();
+        if uri.scheme_str() != Some("https") || authority.port_u16().is_none() {
+            return Err(address_error());
+        }
+        let server_name =
+            ServerName::try_from(c.server_name.clone()).map_err(|_| address_error())?;
+        // The TLS is ours (it presents the mesh certificate), so tonic sees
+        // a plain `http` endpoint and our connector wraps the connection.
+        let endpoint = Endpoint::from_shared(format!("http://{authority}"))
+            .map_err(|error| StreamError::Connect {
+                addr: c.control_plane.clone(),
+                error,
+            })?
+            .connect_timeout(c.connect_timeout)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let connector = TlsConnector::from(Arc::new(tls));
+        let target = authority.to_string();
+        let connect = tower::service_fn(move |_: Uri| {
+            let (connector, target, server_name) =
+                (connector.clone(), target.clone(), server_name.clone());
+            async move {
+                let tcp = TcpStream::connect(&target).await?;
+                let _ = tcp.set_nodelay(true);
+                let tls = connector.connect(server_name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        });
+        endpoint
+            .connect_with_connector(connect)
+            .await
+            .map_err(|error| StreamError::Connect {
+                addr: c.control_plane.clone(),
+                error,
+            })
+    }
+}
