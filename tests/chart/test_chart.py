@@ -5,7 +5,7 @@ Run from the repository root:
     target/pyenv/bin/python -m pytest tests/chart -q
 
 Each scenario (default values, values-ha.yaml, a bring-your-own CA, monitoring
-and the less common knobs) is rendered by the Helm engine that
+and the less common knobs, discovery off) is rendered by the Helm engine that
 helm-python-sdk bundles, linted (strict, Kubernetes 1.33), and every rendered
 document is validated against the Kubernetes 1.33 OpenAPI schemas with
 kubernetes-validate in strict mode (unknown fields are errors). The
@@ -51,6 +51,7 @@ SCENARIOS = {
     "ha": CHART / "values-ha.yaml",
     "byo-ca": HERE / "values-byo-ca.yaml",
     "monitoring": HERE / "values-monitoring.yaml",
+    "no-discovery": HERE / "values-no-discovery.yaml",
 }
 
 
@@ -128,6 +129,10 @@ def injection_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
     cms = [d for d in docs if d["kind"] == "ConfigMap" and "config.yaml" in d.get("data", {})]
     assert len(cms) == 1
     return yaml.safe_load(cms[0]["data"]["config.yaml"])
+
+
+def discovery_enabled(scenario: str) -> bool:
+    return load_values(scenario).get("discovery", {}).get("enabled", True)
 
 
 def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
@@ -381,6 +386,7 @@ EXPECTED_OBJECTS = {
                 "PrometheusRule": ["palisade-rules"],
             },
         ),
+        ("no-discovery", {"Secret": ["palisade-ca"]}),
     ],
 )
 def test_objects_and_namespaces(scenario: str, extra: dict[str, list[str]]) -> None:
@@ -410,6 +416,11 @@ EXPECTED_RBAC = {
     ("", "configmaps", "get", "palisade-trust-bundle"),
     ("", "configmaps", "patch", "palisade-trust-bundle"),
 }
+# With discovery.enabled: one cluster-wide watcher on Pods, read-only.
+DISCOVERY_RBAC = {
+    ("", "pods", "list", None),
+    ("", "pods", "watch", None),
+}
 
 
 def rbac_grants(role: dict[str, Any]) -> set[tuple[str, str, str, str | None]]:
@@ -424,12 +435,12 @@ def rbac_grants(role: dict[str, Any]) -> set[tuple[str, str, str, str | None]]:
     return grants
 
 
-@pytest.mark.parametrize("scenario", ["default", "ha", "byo-ca"])
+@pytest.mark.parametrize("scenario", ["default", "ha", "byo-ca", "no-discovery"])
 def test_rbac_is_exactly_what_the_control_plane_calls(scenario: str) -> None:
     docs = docs_of(scenario)
     role = one(docs, "ClusterRole")
     grants = rbac_grants(role)
-    assert grants == EXPECTED_RBAC
+    assert grants == EXPECTED_RBAC | (DISCOVERY_RBAC if discovery_enabled(scenario) else set())
     assert not any("secrets" in g or "*" in g for g in grants)
     binding = one(docs, "ClusterRoleBinding")
     assert binding["roleRef"] == {
@@ -440,6 +451,18 @@ def test_rbac_is_exactly_what_the_control_plane_calls(scenario: str) -> None:
     sa = one(docs, "ServiceAccount")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": NAMESPACE}]
     assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_rbac_on_pods_is_list_and_watch_only_with_discovery(scenario: str) -> None:
+    """Discovery reads Pods cluster-wide and nothing more; without it, no access to pods at all."""
+    grants = rbac_grants(one(docs_of(scenario), "ClusterRole"))
+    # Subresources too (pods/log, pods/exec): nothing that starts with "pods".
+    on_pods = {g for g in grants if g[1].split("/")[0] == "pods"}
+    if discovery_enabled(scenario):
+        assert on_pods == DISCOVERY_RBAC
+    else:
+        assert on_pods == set()
 
 
 def test_rbac_follows_the_names() -> None:
@@ -537,6 +560,8 @@ EXPECTED_ENV = {
     "PALISADE_LOG_LEVEL",
     "PALISADE_LOG_FORMAT",
 }
+# With discovery.enabled only.
+DISCOVERY_ENV = {"PALISADE_DISCOVERY_SOURCE"}
 
 
 def mounts_by_path(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -554,7 +579,7 @@ def test_environment_default() -> None:
     docs = docs_of("default")
     deployment = one(docs, "Deployment")
     env = env_of(deployment)
-    assert set(env) == EXPECTED_ENV
+    assert set(env) == EXPECTED_ENV | DISCOVERY_ENV
     assert env == {
         "PALISADE_CA_DIR": "/etc/palisade/ca",
         "PALISADE_TRUST_DOMAIN": "cluster.local",
@@ -574,6 +599,7 @@ def test_environment_default() -> None:
         "PALISADE_SHUTDOWN_GRACE": "15s",
         "PALISADE_LOG_LEVEL": "info",
         "PALISADE_LOG_FORMAT": "text",
+        "PALISADE_DISCOVERY_SOURCE": "kubernetes",
     }
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == "ghcr.io/palisade-mesh/palisade-control-plane:0.1.0"
@@ -586,6 +612,14 @@ def test_environment_agrees_with_the_other_objects(scenario: str) -> None:
     deployment = one(docs, "Deployment")
     env = env_of(deployment)
     assert EXPECTED_ENV <= set(env)
+    # The control plane watches Pods exactly when its ClusterRole lets it,
+    # and the sidecars open the stream exactly when it serves one.
+    enabled = discovery_enabled(scenario)
+    assert (env.get("PALISADE_DISCOVERY_SOURCE") == "kubernetes") is enabled
+    assert ("PALISADE_DISCOVERY_SOURCE" in env) is enabled, "discovery off is the binary's default: not set"
+    assert "PALISADE_DISCOVERY_FILE" not in env
+    assert bool(DISCOVERY_RBAC & rbac_grants(one(docs, "ClusterRole"))) is enabled
+    assert injection_config(docs)["sidecar"]["discovery"] is enabled
     service = one(docs, "Service")["metadata"]["name"]
     names = env["PALISADE_SERVER_NAMES"].split(",")
     assert names[:3] == [service, f"{service}.{NAMESPACE}", f"{service}.{NAMESPACE}.svc"]
@@ -778,8 +812,8 @@ def test_bring_your_own_ca() -> None:
 
 INJECTION_KEYS = {
     "sidecar": {
-        "image", "imagePullPolicy", "resources", "logLevel", "inboundMode", "excludeOutboundPorts",
-        "excludeInboundPorts", "serverFirstPorts", "meshNetworks",
+        "image", "imagePullPolicy", "resources", "logLevel", "inboundMode", "discovery", "outboundMode",
+        "excludeOutboundPorts", "excludeInboundPorts", "serverFirstPorts", "meshNetworks",
     },
     "init": {"image", "imagePullPolicy", "resources"},
     "controlPlane": {"address", "serverName"},
@@ -799,6 +833,8 @@ def test_injection_config_default() -> None:
             "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "128Mi"}},
             "logLevel": "info",
             "inboundMode": "permissive",
+            "discovery": True,
+            "outboundMode": "permissive",
             "excludeOutboundPorts": [53],
             "excludeInboundPorts": [],
             "serverFirstPorts": [3306, 5432, 6379, 25, 110, 143],
@@ -826,11 +862,20 @@ def test_injection_config_of_the_uncommon_knobs() -> None:
     assert sidecar["lifetime"] == "30m"
     assert sidecar["image"] == "ghcr.io/palisade-mesh/palisade-sidecar:0.1.1"
     assert sidecar["inboundMode"] == "strict"
+    assert sidecar["outboundMode"] == "strict"
+    assert sidecar["discovery"] is True
     assert sidecar["meshNetworks"] == ["10.244.0.0/16", "fd00:10:244::/56"]
     assert sidecar["excludeInboundPorts"] == [9090]
     assert config["init"]["image"] == "ghcr.io/palisade-mesh/palisade-init@sha256:" + "fedcba9876543210" * 4
     assert config["token"]["expirationSeconds"] == 3600
     assert config["prometheusScrape"] is False
+
+
+def test_injection_config_without_discovery() -> None:
+    sidecar = injection_config(docs_of("no-discovery"))["sidecar"]
+    assert set(sidecar) == INJECTION_KEYS["sidecar"]
+    assert sidecar["discovery"] is False
+    assert sidecar["outboundMode"] == "permissive"
 
 
 def test_injection_config_change_rolls_the_control_plane() -> None:
@@ -986,6 +1031,10 @@ INVALID_VALUES = {
     "expirationSeconds 300": "injection:\n  tokenExpirationSeconds: 300\n",
     "port 70000": "controlPlane:\n  ports:\n    grpc: 70000\n",
     "inboundMode lax": "injection:\n  sidecar:\n    inboundMode: lax\n",
+    "outboundMode lax": "injection:\n  sidecar:\n    outboundMode: lax\n",
+    "outboundMode Strict": "injection:\n  sidecar:\n    outboundMode: Strict\n",
+    "discovery enabled yes-please": "discovery:\n  enabled: yes-please\n",
+    "discovery source key": "discovery:\n  source: file\n",
     "logFormat xml": "controlPlane:\n  logFormat: xml\n",
     "pullPolicy Sometimes": "injection:\n  init:\n    image:\n      pullPolicy: Sometimes\n",
     "lifetime soon": "injection:\n  sidecar:\n    lifetime: soon\n",
@@ -1036,6 +1085,7 @@ def chart_without_schema(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ({"ca": {"create": False, "existingSecret": ""}}, "no CA source"),
         ({"controlPlane": {"shutdownGraceSeconds": 30, "terminationGracePeriodSeconds": 30}}, "must be larger"),
         ({"controlPlane": {"extraEnv": [{"name": "PALISADE_CA_DIR", "value": "/tmp"}]}}, "set by the chart"),
+        ({"controlPlane": {"extraEnv": [{"name": "PALISADE_DISCOVERY_SOURCE", "value": "file"}]}}, "set by the chart"),
     ],
 )
 def test_templates_refuse_without_the_schema(chart_without_schema: Path, values: dict, message: str) -> None:

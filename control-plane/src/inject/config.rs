@@ -48,6 +48,13 @@ pub struct SidecarTemplate {
     /// The default inbound mode; the pod annotation `palisade.io/inbound-mode` overrides it.
     #[serde(default)]
     pub inbound_mode: InboundMode,
+    /// Whether the sidecar opens the discovery stream and decides outbound
+    /// per destination from it (the chart's `discovery.enabled`).
+    #[serde(default = "yes")]
+    pub discovery: bool,
+    /// Plain TCP to destinations without a sidecar: counted, or refused.
+    #[serde(default)]
+    pub outbound_mode: OutboundMode,
     /// Requested certificate lifetime (`1h`, `30m`); the control plane's default when absent.
     #[serde(default, with = "humantime_serde")]
     pub lifetime: Option<Duration>,
@@ -110,6 +117,15 @@ pub enum PullPolicy {
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum InboundMode {
+    #[default]
+    Permissive,
+    Strict,
+}
+
+/// The sidecar's outbound mode.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OutboundMode {
     #[default]
     Permissive,
     Strict,
@@ -287,6 +303,18 @@ impl PullPolicy {
 // === impl InboundMode ===
 
 impl InboundMode {
+    /// The sidecar flag's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Permissive => "permissive",
+            Self::Strict => "strict",
+        }
+    }
+}
+
+// === impl OutboundMode ===
+
+impl OutboundMode {
     /// The sidecar flag's spelling.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -324,6 +324,13 @@ fn sidecar_container(config: &InjectionConfig, s: &Settings<'_>) -> Value {
         env_var("PALISADE_TOKEN_FILE", &format!("{TOKEN_DIR}/token")),
         env_var("PALISADE_BUNDLE", &format!("{BUNDLE_DIR}/ca.crt")),
         env_var("PALISADE_INBOUND_MODE", s.mode.as_str()),
+        // Written either way: the sidecar's own default is discovery off,
+        // and the pod spec should show the posture it runs under.
+        env_var(
+            "PALISADE_DISCOVERY",
+            if sidecar.discovery { "true" } else { "false" },
+        ),
+        env_var("PALISADE_OUTBOUND_MODE", sidecar.outbound_mode.as_str()),
         // Both families: init captures IPv6 too, and a pod without IPv6 just
         // skips those listeners.
         env_var("PALISADE_OUTBOUND_ADDR", "127.0.0.1:15001,[::1]:15001"),

@@ -167,6 +167,12 @@ fn an_ordinary_pod_gets_init_and_native_sidecar_first() {
     assert_eq!(env(&sidecar, "PALISADE_EXCLUDE_OUTBOUND_PORTS"), Some("53"));
     assert_eq!(env(&sidecar, "PALISADE_LIFETIME"), Some("30m"));
     assert_eq!(env(&sidecar, "PALISADE_INBOUND_MODE"), Some("permissive"));
+    assert_eq!(
+        env(&sidecar, "PALISADE_DISCOVERY"),
+        Some("true"),
+        "discovery is on unless the config turns it off"
+    );
+    assert_eq!(env(&sidecar, "PALISADE_OUTBOUND_MODE"), Some("permissive"));
 
     let volumes = patched["spec"]["volumes"].as_array().expect("volumes");
     assert_eq!(
@@ -263,6 +269,29 @@ fn annotations_merge_with_the_defaults() {
         Some("3306,5432")
     );
     assert_eq!(env(&sidecar, "PALISADE_INBOUND_MODE"), Some("strict"));
+}
+
+#[test]
+fn discovery_and_outbound_mode_follow_the_config() {
+    let config = CONFIG.replace(
+        "  lifetime: 30m\n",
+        "  lifetime: 30m\n  discovery: false\n  outboundMode: strict\n",
+    );
+    let config = InjectionConfig::parse(&config).expect("valid config");
+    assert!(!config.sidecar.discovery);
+    assert_eq!(config.sidecar.outbound_mode, config::OutboundMode::Strict);
+    let registry = Registry::new();
+    let metrics = Metrics::register(&registry).expect("fresh registry");
+    let td = "cluster.local".parse().expect("valid trust domain");
+    let injector = Injector::new(config, td, metrics, None);
+    let (_, _, patched) = run(&injector, &pod(Value::Null, web_spec()));
+    let sidecar = env_of(&patched["spec"]["initContainers"][1]);
+    assert_eq!(env(&sidecar, "PALISADE_DISCOVERY"), Some("false"));
+    assert_eq!(env(&sidecar, "PALISADE_OUTBOUND_MODE"), Some("strict"));
+    for name in ["PALISADE_DISCOVERY", "PALISADE_OUTBOUND_MODE"] {
+        let written = sidecar.iter().filter(|(n, _)| n == name).count();
+        assert_eq!(written, 1, "{name} is written once");
+    }
 }
 
 #[test]
@@ -385,6 +414,20 @@ fn the_injection_config_refuses_unknown_keys_and_bad_values() {
     let short = format!("{CONFIG}\ntoken:\n  expirationSeconds: 60\n");
     let err = InjectionConfig::parse(&short).expect_err("too short");
     assert!(err.to_string().contains("expirationSeconds"), "{err}");
+    let lax = CONFIG.replace(
+        "  lifetime: 30m\n",
+        "  lifetime: 30m\n  outboundMode: lax\n",
+    );
+    let err = InjectionConfig::parse(&lax).expect_err("no such outbound mode");
+    assert!(err.to_string().contains("lax"), "{err}");
+    let word = CONFIG.replace(
+        "  lifetime: 30m\n",
+        "  lifetime: 30m\n  discovery: sometimes\n",
+    );
+    assert!(
+        InjectionConfig::parse(&word).is_err(),
+        "discovery is a bool"
+    );
 }
 
 #[test]
