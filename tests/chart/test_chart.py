@@ -1086,6 +1086,10 @@ def chart_without_schema(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ({"controlPlane": {"shutdownGraceSeconds": 30, "terminationGracePeriodSeconds": 30}}, "must be larger"),
         ({"controlPlane": {"extraEnv": [{"name": "PALISADE_CA_DIR", "value": "/tmp"}]}}, "set by the chart"),
         ({"controlPlane": {"extraEnv": [{"name": "PALISADE_DISCOVERY_SOURCE", "value": "file"}]}}, "set by the chart"),
+        (
+            {"discovery": {"enabled": False}, "injection": {"sidecar": {"outboundMode": "strict"}}},
+            "strict needs discovery.enabled=true",
+        ),
     ],
 )
 def test_templates_refuse_without_the_schema(chart_without_schema: Path, values: dict, message: str) -> None:

@@ -233,6 +233,12 @@ impl InjectionConfig {
                 "must be between 600 (the kubelet's minimum) and 86400",
             ));
         }
+        if self.sidecar.outbound_mode == OutboundMode::Strict && !self.sidecar.discovery {
+            return Err(invalid(
+                "sidecar.outboundMode",
+                "strict needs sidecar.discovery: without discovery nothing says which destinations are unmeshed",
+            ));
+        }
         if !is_dns_label(&self.bundle_config_map) {
             return Err(invalid(
                 "bundleConfigMap",

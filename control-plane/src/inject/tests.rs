@@ -275,11 +275,14 @@ fn annotations_merge_with_the_defaults() {
 fn discovery_and_outbound_mode_follow_the_config() {
     let config = CONFIG.replace(
         "  lifetime: 30m\n",
-        "  lifetime: 30m\n  discovery: false\n  outboundMode: strict\n",
+        "  lifetime: 30m\n  discovery: false\n  outboundMode: permissive\n",
     );
     let config = InjectionConfig::parse(&config).expect("valid config");
     assert!(!config.sidecar.discovery);
-    assert_eq!(config.sidecar.outbound_mode, config::OutboundMode::Strict);
+    assert_eq!(
+        config.sidecar.outbound_mode,
+        config::OutboundMode::Permissive
+    );
     let registry = Registry::new();
     let metrics = Metrics::register(&registry).expect("fresh registry");
     let td = "cluster.local".parse().expect("valid trust domain");
@@ -287,7 +290,7 @@ fn discovery_and_outbound_mode_follow_the_config() {
     let (_, _, patched) = run(&injector, &pod(Value::Null, web_spec()));
     let sidecar = env_of(&patched["spec"]["initContainers"][1]);
     assert_eq!(env(&sidecar, "PALISADE_DISCOVERY"), Some("false"));
-    assert_eq!(env(&sidecar, "PALISADE_OUTBOUND_MODE"), Some("strict"));
+    assert_eq!(env(&sidecar, "PALISADE_OUTBOUND_MODE"), Some("permissive"));
     for name in ["PALISADE_DISCOVERY", "PALISADE_OUTBOUND_MODE"] {
         let written = sidecar.iter().filter(|(n, _)| n == name).count();
         assert_eq!(written, 1, "{name} is written once");
@@ -428,6 +431,12 @@ fn the_injection_config_refuses_unknown_keys_and_bad_values() {
         InjectionConfig::parse(&word).is_err(),
         "discovery is a bool"
     );
+    let blind = CONFIG.replace(
+        "  lifetime: 30m\n",
+        "  lifetime: 30m\n  discovery: false\n  outboundMode: strict\n",
+    );
+    let err = InjectionConfig::parse(&blind).expect_err("strict needs discovery");
+    assert!(err.to_string().contains("sidecar.outboundMode"), "{err}");
 }
 
 #[test]
