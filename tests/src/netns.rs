@@ -188,6 +188,24 @@ while True:
 sys.stdout.write(reply.decode(errors="replace"))
 "#;
 
+/// [`CLIENT`], timed: the first line out is the seconds from before
+/// `connect()` to the end of the reply, measured inside the namespace.
+const TIMED_CLIENT: &str = r#"
+import socket, sys, time
+host, port, line = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+start = time.monotonic()
+conn = socket.create_connection((host, port), timeout=5)
+conn.sendall(line.encode() + b"\n")
+reply = b""
+while True:
+    chunk = conn.recv(4096)
+    if not chunk:
+        break
+    reply += chunk
+took = time.monotonic() - start
+sys.stdout.write(f"{took}\n" + reply.decode(errors="replace"))
+"#;
+
 /// Sends one UDP datagram to a broadcast address (no neighbour to resolve).
 const BROADCAST: &str = r#"
 import socket, sys
@@ -935,6 +953,37 @@ pub fn send_as(
             stderr.lines().last().unwrap_or_default()
         ))
     }
+}
+
+/// [`send`], and how long the exchange took from before `connect()` to the
+/// end of the reply (measured by the client, so process start-up is not in it).
+pub fn send_timed(
+    from: &Netns,
+    ip: Ipv4Addr,
+    port: u16,
+    line: &str,
+) -> Result<(String, Duration), String> {
+    let output = from
+        .command_as(&User::root(), tool("timeout"))
+        .arg("10")
+        .arg(tool("python3"))
+        .args(["-c", TIMED_CLIENT, &ip.to_string(), &port.to_string(), line])
+        .output()
+        .expect("run the client");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        return Err(format!(
+            "{}: {}",
+            output.status,
+            stderr.lines().last().unwrap_or_default()
+        ));
+    }
+    let (took, reply) = stdout.split_once('\n').ok_or("no timing line")?;
+    let took: f64 = took
+        .parse()
+        .map_err(|_| format!("bad timing line {took:?}"))?;
+    Ok((reply.to_owned(), Duration::from_secs_f64(took)))
 }
 
 /// Whether `needle` (non-empty) appears in `haystack`.

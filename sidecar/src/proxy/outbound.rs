@@ -75,6 +75,7 @@ type Connect = tokio_rustls::Connect<ReadAhead<TcpStream>>;
 pub async fn handle(proxy: Arc<Proxy>, target: Arc<OutboundTarget>, tcp: TcpStream) {
     let (dst, expected, mesh) = match &*target {
         OutboundTarget::Explicit { upstream, identity } => {
+            tracing::Span::current().record("dst", tracing::field::display(upstream));
             (upstream.clone(), Some(identity.clone()), true)
         }
         OutboundTarget::Transparent {
@@ -108,7 +109,6 @@ pub async fn handle(proxy: Arc<Proxy>, target: Arc<OutboundTarget>, tcp: TcpStre
             }
         }
     };
-    tracing::Span::current().record("dst", tracing::field::display(&dst));
 
     if !mesh {
         passthrough(&proxy, tcp, &dst).await;

@@ -1,0 +1,578 @@
+//! Discovery in network namespaces: pods with real capture rules whose
+//! sidecars take their certificates and their outbound decisions from a real
+//! control plane, which follows a discovery file.
+//!
+//! ```text
+//!  netns node: bridge br0 198.18.0.254 ── cp    198.18.0.200  control plane (--discovery-source file)
+//!                                      ├── pod a 198.18.0.1    app client, sidecar (discovery), init rules
+//!                                      ├── pod b 198.18.0.2    app :8080, sidecar (discovery), init rules
+//!                                      └── h     198.18.0.3    app :8080, no sidecar: a plain host
+//! ```
+//!
+//! All of them share 198.18.0.0/24, which is also every sidecar's
+//! `--mesh-networks`: without discovery a sidecar would take h for a mesh
+//! peer. The attackers (`m` of `ns/evil/sa/m`, and `n`, a later workload)
+//! have real sidecars with real certificates of the mesh: what they lack is
+//! discovery's word that they belong at the address.
+//!
+//! Each test builds a mesh of its own. Needs root (CI runs as root): without
+//! it every test fails, never skips; namespaces and processes are removed
+//! when a test ends, whatever happens.
+
+use std::{
+    fs,
+    net::Ipv4Addr,
+    os::unix::fs::chown,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use palisade_tests::{
+    bin, eventually, metric,
+    netns::{App, Lan, Netns, Proc, User, contains, run, send, send_timed, tool},
+    write_tokens,
+};
+
+const A_ID: &str = "spiffe://cluster.local/ns/shop/sa/a";
+const B_ID: &str = "spiffe://cluster.local/ns/shop/sa/b";
+const M_ID: &str = "spiffe://cluster.local/ns/evil/sa/m";
+const N_ID: &str = "spiffe://cluster.local/ns/shop/sa/n";
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
+const CP_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 200);
+const A_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const B_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const H_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+const MESH_NETWORKS: &str = "198.18.0.0/24";
+const APP_PORT: u16 = 8080;
+const PROXY_UID: u32 = 1337;
+const WAIT: Duration = Duration::from_secs(15);
+
+// === the scenario, one step per test ===
+
+#[test]
+fn a_pod_of_another_identity_at_b_s_address_gets_no_byte_of_a_s_data() {
+    let mut mesh = Mesh::start();
+    mesh.a_reaches_b(&secret("before"));
+
+    // m (ns/evil/sa/m, with a real mesh certificate) takes b's address;
+    // discovery still says b must answer there.
+    mesh.replace_b_with("m", M_ID);
+    let line = secret("takeover");
+    let capture = mesh.lan.capture("takeover", "tcp");
+    let answer = send(mesh.a(), B_IP, APP_PORT, &line);
+    let pcap = capture.stop();
+    assert!(
+        refused(&answer),
+        "a's app must be refused at m, got {answer:?}"
+    );
+    assert!(
+        !contains(pcap.bytes(), line.as_bytes()),
+        "a's data crossed the wire in the clear"
+    );
+    let m_app = fs::read_to_string(mesh.lan.dir().join("app-m.log")).unwrap_or_default();
+    assert!(
+        !m_app.contains(&line),
+        "m's app received a's data:\n{m_app}"
+    );
+    let text = mesh.metrics("a");
+    assert!(
+        metric(
+            &text,
+            "palisade_tls_handshakes_total",
+            &[("direction", "outbound"), ("reason", "unexpected_identity")]
+        ) >= 1.0,
+        "a counts the refusal as unexpected_identity"
+    );
+    assert!(
+        metric(
+            &text,
+            "palisade_outbound_decisions_total",
+            &[("kind", "meshed")]
+        ) >= 2.0
+    );
+    let log = fs::read_to_string(mesh.lan.dir().join("sidecar-a.log")).unwrap_or_default();
+    assert!(
+        log.lines().any(|l| l.contains("unexpected_identity")
+            && l.contains(M_ID)
+            && l.contains(B_ID)
+            && l.contains(&B_IP.to_string())),
+        "a logs the refusal with the destination, the expected and the presented identity"
+    );
+}
+
+#[test]
+fn a_plain_host_in_the_pod_network_is_reached_in_plain_tcp_at_once() {
+    let mesh = Mesh::start();
+    let line = secret("plain");
+    let (reply, took) = send_timed(mesh.a(), H_IP, APP_PORT, &line).expect("a reaches h");
+    assert_eq!(
+        reply,
+        App::reply("h", &line, A_IP, APP_PORT),
+        "plain TCP, from a's address"
+    );
+    assert!(
+        took < Duration::from_millis(50),
+        "h answered after {took:?}"
+    );
+    let text = mesh.metrics("a");
+    assert_eq!(
+        metric(
+            &text,
+            "palisade_outbound_decisions_total",
+            &[("kind", "unmeshed")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "palisade_connections_opened_total",
+            &[("direction", "outbound"), ("security", "plaintext")]
+        ),
+        1.0
+    );
+    // An address discovery does not know, in the same network: plain TCP
+    // too (permissive), counted apart.
+    let nobody = send(mesh.a(), Ipv4Addr::new(198, 18, 0, 99), APP_PORT, "nobody");
+    assert!(refused(&nobody), "nobody is at 198.18.0.99: {nobody:?}");
+    assert_eq!(
+        metric(
+            &mesh.metrics("a"),
+            "palisade_outbound_decisions_total",
+            &[("kind", "unknown")]
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn a_reused_address_answers_as_the_new_workload_once_discovery_says_so() {
+    let mut mesh = Mesh::start();
+    mesh.a_reaches_b(&secret("before"));
+
+    // A bad edit of the discovery file keeps the state in use.
+    fs::write(
+        mesh.discovery.with_extension("next"),
+        "workloads: [{name: x}]\n",
+    )
+    .expect("write");
+    fs::rename(mesh.discovery.with_extension("next"), &mesh.discovery).expect("rename");
+    eventually(WAIT, "the bad edit to be refused", || {
+        (metric(
+            &mesh.cp_metrics(),
+            "palisade_ca_reloads_total",
+            &[("source", "discovery_file"), ("result", "failure")],
+        ) >= 1.0)
+            .then_some(())
+    });
+    mesh.a_reaches_b(&secret("after-bad-edit"));
+
+    // Both b and n claim the address: it fails closed.
+    mesh.write_discovery(&[("shop/b", B_IP, Some(B_ID)), ("shop/n", B_IP, Some(N_ID))]);
+    eventually(WAIT, "a to refuse the contested address", || {
+        refused(&send(mesh.a(), B_IP, APP_PORT, "contested")).then_some(())
+    });
+    assert!(
+        metric(
+            &mesh.metrics("a"),
+            "palisade_outbound_refusals_total",
+            &[("reason", "conflict")]
+        ) >= 1.0
+    );
+
+    // b is deleted and n has the address now; b's sidecar still answers
+    // there (a terminating pod): the old identity is refused.
+    mesh.write_discovery(&[("shop/n", B_IP, Some(N_ID))]);
+    let line = secret("stale-b");
+    let unexpected = |mesh: &Mesh| {
+        metric(
+            &mesh.metrics("a"),
+            "palisade_tls_handshakes_total",
+            &[("direction", "outbound"), ("reason", "unexpected_identity")],
+        )
+    };
+    eventually(WAIT, "a to refuse b, now that n must answer", || {
+        let answer = send(mesh.a(), B_IP, APP_PORT, &line);
+        (refused(&answer) && unexpected(&mesh) >= 1.0).then_some(())
+    });
+    let b_app = fs::read_to_string(mesh.lan.dir().join("app-b.log")).unwrap_or_default();
+    assert!(!b_app.contains(&line), "the stale b got a's data");
+
+    // n takes the address: accepted.
+    mesh.replace_b_with("n", N_ID);
+    let line = secret("n");
+    assert_eq!(
+        send(mesh.a(), B_IP, APP_PORT, &line),
+        Ok(App::reply("n", &line, B_IP, APP_PORT)),
+        "a reaches n through both sidecars"
+    );
+}
+
+#[test]
+fn strict_outbound_mode_refuses_plain_tcp_to_the_pod_network() {
+    let mesh = Mesh::start_with(&["--outbound-mode=strict"]);
+    mesh.a_reaches_b(&secret("strict"));
+    let answer = send(mesh.a(), H_IP, APP_PORT, &secret("h"));
+    assert!(refused(&answer), "h is unmeshed: {answer:?}");
+    let h_app = fs::read_to_string(mesh.lan.dir().join("app-h.log")).unwrap_or_default();
+    assert!(
+        !h_app.contains("PALISADE-SECRET"),
+        "h got a's data:\n{h_app}"
+    );
+    let text = mesh.metrics("a");
+    assert_eq!(
+        metric(
+            &text,
+            "palisade_outbound_refusals_total",
+            &[("reason", "strict_unmeshed")]
+        ),
+        1.0
+    );
+}
+
+// === the mesh every step starts from ===
+
+/// The control plane, pods a and b with sidecars following discovery, and
+/// plain host h, on one LAN.
+struct Mesh {
+    // Dropped in this order: the processes, then the LAN (which prints its
+    // logs if the test failed, then deletes the namespaces).
+    sidecars: Vec<(String, Proc)>,
+    apps: Vec<(String, App)>,
+    _control_plane: Proc,
+    sidecar_bin: PathBuf,
+    ca_dir: PathBuf,
+    cp: ControlPlaneAddr,
+    discovery: PathBuf,
+    lan: Lan,
+}
+
+/// Where the control plane of the LAN answers.
+struct ControlPlaneAddr {
+    grpc: String,
+}
+
+// === impl Mesh ===
+
+impl Mesh {
+    fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Builds the LAN, starts the control plane in its own namespace with
+    /// the discovery file, installs capture rules in a and b, starts the
+    /// apps and the sidecars, and returns once a's stream is synced.
+    fn start_with(a_flags: &[&str]) -> Self {
+        for name in [
+            "ip",
+            "iptables-save",
+            "setpriv",
+            "tcpdump",
+            "python3",
+            "curl",
+        ] {
+            tool(name);
+        }
+        let mut lan = Lan::new(NODE_IP, 24);
+        lan.add_host("cp", CP_IP);
+        lan.add_host("a", A_IP);
+        lan.add_host("b", B_IP);
+        lan.add_host("h", H_IP);
+
+        let ca_dir = lan.dir().join("ca");
+        run(Command::new(bin("palisade-control-plane"))
+            .args(["ca", "init", "--out"])
+            .arg(&ca_dir)
+            .stdout(Stdio::null()));
+        let tokens = lan.dir().join("tokens.yaml");
+        write_tokens(
+            &tokens,
+            &[
+                (&token(A_ID), A_ID),
+                (&token(B_ID), B_ID),
+                (&token(M_ID), M_ID),
+                (&token(N_ID), N_ID),
+            ],
+        )
+        .expect("tokens");
+        let discovery = lan.dir().join("discovery.yaml");
+        write_discovery(
+            &discovery,
+            &[
+                ("shop/a", A_IP, Some(A_ID)),
+                ("shop/b", B_IP, Some(B_ID)),
+                ("web/h", H_IP, None),
+            ],
+        );
+        let grpc = format!("{CP_IP}:15012");
+        let log = lan.log("control-plane");
+        let control_plane = lan.host("cp").spawn(
+            "control plane",
+            &User::root(),
+            bin("palisade-control-plane"),
+            |c| {
+                c.arg("serve")
+                    .arg("--ca-dir")
+                    .arg(&ca_dir)
+                    .args(["--authenticator", "static", "--static-tokens"])
+                    .arg(&tokens)
+                    .args([
+                        "--grpc-addr",
+                        &grpc,
+                        "--admin-addr",
+                        &format!("{CP_IP}:15014"),
+                    ])
+                    .args(["--discovery-source", "file", "--discovery-file"])
+                    .arg(&discovery)
+                    .args(["--log-level", "debug"])
+                    .stdout(log.try_clone().expect("log"))
+                    .stderr(log);
+            },
+        );
+        let mut mesh = Self {
+            sidecars: Vec::new(),
+            apps: Vec::new(),
+            _control_plane: control_plane,
+            sidecar_bin: bin("palisade-sidecar"),
+            ca_dir,
+            cp: ControlPlaneAddr { grpc },
+            discovery,
+            lan,
+        };
+        eventually(WAIT, "the control plane to be ready", || {
+            (curl_status(mesh.lan.host("cp"), &format!("http://{CP_IP}:15014/ready")) == "200")
+                .then_some(())
+        });
+        mesh.sidecar_bin = proxy_readable(&mesh.lan, &mesh.sidecar_bin);
+        fs::copy(
+            mesh.ca_dir.join("ca.crt"),
+            mesh.lan.dir().join("bundle.crt"),
+        )
+        .expect("bundle");
+
+        for pod in ["a", "b"] {
+            mesh.lan
+                .host(pod)
+                .exec(&mesh.sidecar_bin, &["init", "--ipv6=false"]);
+        }
+        mesh.start_app("b", "b");
+        mesh.start_app("h", "h");
+        mesh.start_sidecar("a", "a", A_ID, true, a_flags);
+        mesh.start_sidecar("b", "b", B_ID, true, &[]);
+        mesh
+    }
+
+    fn a(&self) -> &Netns {
+        self.lan.host("a")
+    }
+
+    fn start_app(&mut self, host: &str, name: &str) {
+        let app = App::start(
+            &self.lan,
+            self.lan.host(host),
+            &User::root(),
+            name,
+            &[APP_PORT],
+        );
+        self.apps.push((host.to_owned(), app));
+    }
+
+    /// Starts a sidecar in `host` for `identity`, certified by the control
+    /// plane; with `discovery`, it follows the stream and is returned only
+    /// once the stream has delivered its snapshot.
+    fn start_sidecar(
+        &mut self,
+        host: &str,
+        name: &str,
+        identity: &str,
+        discovery: bool,
+        extra: &[&str],
+    ) {
+        let token_file = self.lan.dir().join(format!("token-{name}"));
+        fs::write(&token_file, token(identity)).expect("token");
+        chown(&token_file, Some(PROXY_UID), Some(PROXY_UID)).expect("chown");
+        let log = self.lan.log(&format!("sidecar-{name}"));
+        let pod = self.lan.host(host);
+        let bundle = self.lan.dir().join("bundle.crt");
+        let proc = pod.spawn(
+            &format!("sidecar {name}"),
+            &User::uid(PROXY_UID),
+            &self.sidecar_bin,
+            |c| {
+                c.args([
+                    "run",
+                    "--control-plane",
+                    &format!("https://{}", self.cp.grpc),
+                ])
+                .arg("--bundle")
+                .arg(&bundle)
+                .args(["--identity", identity])
+                .arg("--token-file")
+                .arg(&token_file)
+                .args([
+                    &format!("--discovery={discovery}"),
+                    &format!("--mesh-networks={MESH_NETWORKS}"),
+                    "--outbound-addr=127.0.0.1:15001",
+                    "--inbound-addr=0.0.0.0:15006",
+                    "--admin-addr=0.0.0.0:15020",
+                    "--log-level=debug",
+                ])
+                .args(extra)
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log);
+            },
+        );
+        self.sidecars.push((host.to_owned(), proc));
+        eventually(WAIT, &format!("sidecar {name} to be ready"), || {
+            let ready = curl_status(pod, "http://127.0.0.1:15020/ready") == "200";
+            let synced = !discovery
+                || metric(
+                    &self.metrics(host),
+                    "palisade_discovery_stream_connected",
+                    &[],
+                ) == 1.0;
+            (ready && synced).then_some(())
+        });
+    }
+
+    /// Takes pod b's host away and puts host `name` (with a sidecar of
+    /// `identity`, not following discovery) at b's address.
+    fn replace_b_with(&mut self, name: &str, identity: &str) {
+        self.sidecars.retain(|(host, _)| host != "b");
+        self.apps.retain(|(host, _)| host != "b");
+        self.lan.remove_host("b");
+        self.lan.add_host(name, B_IP);
+        // The others still know b's MAC at the address, as a node does
+        // until its neighbour entry goes stale.
+        for host in ["a", "h", "cp"] {
+            self.lan.host(host).ip(&["neigh", "flush", "all"]);
+        }
+        self.lan
+            .host(name)
+            .exec(&self.sidecar_bin, &["init", "--ipv6=false"]);
+        self.start_app(name, name);
+        self.start_sidecar(name, name, identity, false, &[]);
+    }
+
+    /// Asserts that app a's `line` reaches app b through both sidecars.
+    fn a_reaches_b(&self, line: &str) {
+        assert_eq!(
+            send(self.a(), B_IP, APP_PORT, line),
+            Ok(App::reply("b", line, B_IP, APP_PORT)),
+            "app a must reach app b through both sidecars"
+        );
+    }
+
+    /// The `/metrics` of the sidecar in `host`, fetched inside it.
+    fn metrics(&self, host: &str) -> String {
+        curl(self.lan.host(host), "http://127.0.0.1:15020/metrics")
+    }
+
+    /// The control plane's `/metrics`.
+    fn cp_metrics(&self) -> String {
+        curl(
+            self.lan.host("cp"),
+            &format!("http://{CP_IP}:15014/metrics"),
+        )
+    }
+
+    /// Rewrites the discovery file with a and h as at the start, and
+    /// `workloads`.
+    fn write_discovery(&self, workloads: &[(&str, Ipv4Addr, Option<&str>)]) {
+        let mut all = vec![("shop/a", A_IP, Some(A_ID)), ("web/h", H_IP, None)];
+        all.extend_from_slice(workloads);
+        write_discovery(&self.discovery, &all);
+    }
+}
+
+// === set-up ===
+
+/// Whether the app's connection got no answer: the sidecar closed it (an
+/// empty reply) or it failed.
+fn refused(answer: &Result<String, String>) -> bool {
+    !matches!(answer, Ok(reply) if !reply.is_empty())
+}
+
+/// The static token of `identity` (at least 16 characters).
+fn token(identity: &str) -> String {
+    format!("token-for-{}", identity.replace('/', "-"))
+}
+
+/// A marker no other run and no other step uses.
+fn secret(step: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("PALISADE-SECRET-{step}-{}-{nanos:x}", std::process::id())
+}
+
+/// Replaces the discovery file in one rename, as a ConfigMap update would.
+fn write_discovery(path: &Path, workloads: &[(&str, Ipv4Addr, Option<&str>)]) {
+    let mut text = String::from("workloads:\n");
+    for (name, address, identity) in workloads {
+        text.push_str(&format!("  - name: {name}\n    addresses: [{address}]\n"));
+        match identity {
+            Some(id) => text.push_str(&format!("    identity: {id}\n")),
+            None => text.push_str("    unmeshed: true\n"),
+        }
+    }
+    let next = path.with_extension("next");
+    fs::write(&next, text).expect("write the discovery file");
+    fs::rename(&next, path).expect("replace the discovery file");
+}
+
+/// `curl -sf URL` inside `host`; empty when it fails.
+fn curl(host: &Netns, url: &str) -> String {
+    host.command(tool("curl"))
+        .args(["-sf", "--max-time", "5", url])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// The HTTP status `url` answers inside `host`.
+fn curl_status(host: &Netns, url: &str) -> String {
+    host.command(tool("curl"))
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "1",
+            url,
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// `built`, or a copy uid 1337 can execute when `target/` is closed to it.
+fn proxy_readable(lan: &Lan, built: &Path) -> PathBuf {
+    let uid = PROXY_UID.to_string();
+    let can = |path: &Path| {
+        Command::new(tool("setpriv"))
+            .args(["--reuid", &uid, "--regid", &uid, "--clear-groups"])
+            .arg(tool("test"))
+            .arg("-x")
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if can(built) {
+        return built.to_owned();
+    }
+    let copy = lan.dir().join("palisade-sidecar");
+    fs::copy(built, &copy).expect("copy the sidecar binary");
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).expect("chmod");
+    assert!(
+        can(&copy),
+        "uid {PROXY_UID} cannot execute {}",
+        copy.display()
+    );
+    copy
+}
