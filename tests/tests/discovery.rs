@@ -164,7 +164,14 @@ async fn streams_are_authenticated_bound_to_their_pod_and_follow_every_pod_event
         &ca,
         &["--authenticator", "static", "--static-tokens", &token_flag],
         &[("KUBECONFIG", kubeconfig.as_path())],
-        &["--discovery-source", "kubernetes"],
+        // A stream outlives the request timeout: it bounds answering, not
+        // following.
+        &[
+            "--discovery-source",
+            "kubernetes",
+            "--request-timeout",
+            "1s",
+        ],
     )
     .expect("the control plane starts with discovery");
     let refused = |reason: &str| {
@@ -359,6 +366,23 @@ async fn streams_are_authenticated_bound_to_their_pod_and_follow_every_pod_event
             .count()
             >= 2,
         "the control plane listed again after 410"
+    );
+
+    // One stream carried all of it, past the request timeout.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let text = encode(&registry);
+    assert_eq!(
+        metric(&text, "palisade_discovery_stream_connected", &[]),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "palisade_discovery_stream_opens_total",
+            &[("result", "success")]
+        ),
+        1.0,
+        "the stream was never replaced"
     );
 
     // The caller's own pod is deleted: its stream ends, reconnects are

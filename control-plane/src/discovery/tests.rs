@@ -665,6 +665,13 @@ mod stream {
             assert_eq!(status.code(), Code::PermissionDenied, "{from}: {status:?}");
             assert_eq!(refused(&registry, reason), 1.0, "{from}");
         }
+        // A request on a connection whose certificate has expired since.
+        let status = open(&service, request("198.18.0.1", Some(A), Duration::ZERO))
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        assert_eq!(refused(&registry, "certificate_expired"), 1.0);
         // IPv4-mapped IPv6 (a dual-stack listener) is the IPv4 address.
         let mut stream = open(&service, request("::ffff:198.18.0.1", Some(A), HOUR))
             .await
