@@ -52,6 +52,8 @@ pub enum StreamRefusal {
     /// The pod at the caller's address is not a meshed workload of the
     /// certificate's identity.
     OtherIdentity,
+    /// The certificate expired after the connection opened.
+    CertificateExpired,
 }
 
 /// Why a discovery stream ended: the `reason` label.
@@ -174,7 +176,7 @@ impl Metrics {
         )?;
         let streams_refused = f.counter_vec(
             "palisade_discovery_streams_refused_total",
-            "Discovery streams refused, by reason (no_client_cert, not_synced, no_pod, contested, other_identity).",
+            "Discovery streams refused, by reason (no_client_cert, not_synced, no_pod, contested, other_identity, certificate_expired).",
             vec![Label::closed::<StreamRefusal>("reason")],
         )?;
         let streams_ended = f.counter_vec(

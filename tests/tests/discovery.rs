@@ -76,6 +76,62 @@ fn seen(destinations: &Destinations, address: &str) -> Option<Resolution> {
     destinations.resolve(ip(address)).ok().flatten()
 }
 
+/// The sidecar's stream to `cp`, retrying quickly.
+fn stream_config(cp: &ControlPlane, ca: &std::path::Path) -> StreamConfig {
+    StreamConfig {
+        control_plane: format!("https://{}", cp.grpc_addr),
+        server_name: "localhost".into(),
+        bundle_file: ca.join("ca.crt"),
+        connect_timeout: Duration::from_secs(5),
+        retry: Schedule {
+            backoff_base: Duration::from_millis(50),
+            backoff_cap: Duration::from_millis(200),
+            ..Schedule::default()
+        },
+    }
+}
+
+/// A certificate naming `identity`, from a CA of its own, with that CA as
+/// the only root: what a forger can make without the mesh's CA.
+fn foreign_credentials(identity: &str) -> Material {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa,
+        Issuer, KeyPair, SanType,
+    };
+    let ca_key = KeyPair::generate().expect("keygen");
+    let mut ca = CertificateParams::default();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let root = ca.self_signed(&ca_key).expect("self-sign");
+    let key = KeyPair::generate().expect("keygen");
+    let mut leaf = CertificateParams::default();
+    leaf.distinguished_name = DistinguishedName::new();
+    leaf.subject_alt_names = vec![SanType::URI(identity.try_into().expect("ia5"))];
+    leaf.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let cert = leaf
+        .signed_by(&key, &Issuer::from_params(&ca, &ca_key))
+        .expect("sign");
+    Material {
+        chain: vec![cert.der().clone()],
+        key: PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        roots: vec![root.der().clone()],
+    }
+}
+
+/// The text of `registry`'s metrics.
+fn encode(registry: &prometheus::Registry) -> String {
+    let mut text = Vec::new();
+    prometheus::Encoder::encode(
+        &prometheus::TextEncoder::new(),
+        &registry.gather(),
+        &mut text,
+    )
+    .expect("encode");
+    String::from_utf8(text).expect("utf-8")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_are_authenticated_bound_to_their_pod_and_follow_every_pod_event() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -108,7 +164,14 @@ async fn streams_are_authenticated_bound_to_their_pod_and_follow_every_pod_event
         &ca,
         &["--authenticator", "static", "--static-tokens", &token_flag],
         &[("KUBECONFIG", kubeconfig.as_path())],
-        &["--discovery-source", "kubernetes"],
+        // A stream outlives the request timeout: it bounds answering, not
+        // following.
+        &[
+            "--discovery-source",
+            "kubernetes",
+            "--request-timeout",
+            "1s",
+        ],
     )
     .expect("the control plane starts with discovery");
     let refused = |reason: &str| {
@@ -152,6 +215,49 @@ async fn streams_are_authenticated_bound_to_their_pod_and_follow_every_pod_event
     assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
     assert_eq!(refused("no_client_cert"), 1.0);
 
+    // A certificate for a's identity from a CA the mesh does not trust is
+    // refused in the handshake: nothing reaches the service.
+    let foreign = foreign_credentials(A);
+    let store = Arc::new(CertStore::new(TD.parse().expect("td"), Vec::new()));
+    store
+        .publish(foreign, std::time::SystemTime::now())
+        .expect("a self-consistent certificate installs");
+    let registry = prometheus::Registry::new();
+    let forger = DiscoveryClient::new(
+        stream_config(&cp, &ca),
+        store,
+        Arc::new(Destinations::default()),
+        Metrics::register(&registry).expect("metrics"),
+    );
+    let stop_forger = CancellationToken::new();
+    let forging = tokio::spawn(forger.run(stop_forger.clone()));
+    eventually_async(WAIT, "the forged certificate to be refused", || async {
+        let text = encode(&registry);
+        (metric(
+            &text,
+            "palisade_discovery_stream_opens_total",
+            &[("result", "failure")],
+        ) >= 2.0)
+            .then_some(())
+    })
+    .await;
+    stop_forger.cancel();
+    forging.await.expect("the forger stops");
+    assert_eq!(
+        metric(
+            &encode(&registry),
+            "palisade_discovery_stream_opens_total",
+            &[("result", "success")]
+        ),
+        0.0
+    );
+    let text = cp.metrics().expect("metrics");
+    assert_eq!(
+        metric(&text, "palisade_discovery_streams_refused_total", &[]),
+        refused("no_client_cert"),
+        "the forged certificate never reached the service"
+    );
+
     // The sidecar's client, presenting a's certificate from 127.0.0.1,
     // where the pod is evil/m: refused, and nothing is known.
     let store = Arc::new(CertStore::new(TD.parse().expect("td"), Vec::new()));
@@ -171,17 +277,7 @@ async fn streams_are_authenticated_bound_to_their_pod_and_follow_every_pod_event
     let registry = prometheus::Registry::new();
     let stop = CancellationToken::new();
     let client = DiscoveryClient::new(
-        StreamConfig {
-            control_plane: format!("https://{}", cp.grpc_addr),
-            server_name: "localhost".into(),
-            bundle_file: ca.join("ca.crt"),
-            connect_timeout: Duration::from_secs(5),
-            retry: Schedule {
-                backoff_base: Duration::from_millis(50),
-                backoff_cap: Duration::from_millis(200),
-                ..Schedule::default()
-            },
-        },
+        stream_config(&cp, &ca),
         store,
         destinations.clone(),
         Metrics::register(&registry).expect("metrics"),
@@ -270,6 +366,23 @@ async fn streams_are_authenticated_bound_to_their_pod_and_follow_every_pod_event
             .count()
             >= 2,
         "the control plane listed again after 410"
+    );
+
+    // One stream carried all of it, past the request timeout.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let text = encode(&registry);
+    assert_eq!(
+        metric(&text, "palisade_discovery_stream_connected", &[]),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "palisade_discovery_stream_opens_total",
+            &[("result", "success")]
+        ),
+        1.0,
+        "the stream was never replaced"
     );
 
     // The caller's own pod is deleted: its stream ends, reconnects are

@@ -110,10 +110,20 @@ impl DiscoveryService {
             };
             (reason, Status::permission_denied(error.to_string()))
         })?;
-        let (snapshot, changes) = self.discovery.subscribe();
+        // The handshake checked the certificate when the connection opened;
+        // a request later on the same connection may come after it expired.
         let left = not_after
             .duration_since(SystemTime::now())
             .unwrap_or_default();
+        if left.is_zero() {
+            return Err((
+                StreamRefusal::CertificateExpired,
+                Status::unauthenticated(
+                    "the client certificate has expired; reconnect with the renewed one",
+                ),
+            ));
+        }
+        let (snapshot, changes) = self.discovery.subscribe();
         Ok(Watch {
             discovery: self.discovery.clone(),
             metrics: self.metrics.clone(),

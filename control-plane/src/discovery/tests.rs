@@ -541,3 +541,239 @@ mod against_the_api_server {
         );
     }
 }
+
+/// The `Watch` stream on its own: who may open one, what it sends, and when
+/// it ends. (Over real TLS, with the binary: `tests/tests/discovery.rs`.)
+mod stream {
+    use std::{
+        net::SocketAddr,
+        sync::Arc,
+        time::{Duration, SystemTime},
+    };
+
+    use futures::StreamExt;
+    use palisade_proto::discovery::{
+        decode,
+        v1::{WatchRequest, WatchResponse, discovery_server::Discovery as _},
+    };
+    use prometheus::Registry;
+    use tonic::{Code, Request, Status};
+
+    use super::*;
+    use crate::{
+        discovery::{Caller, Discovery, DiscoveryService},
+        metrics::Metrics,
+    };
+
+    type Stream = <DiscoveryService as palisade_proto::discovery::v1::discovery_server::Discovery>::WatchStream;
+
+    fn service(discovery: &Arc<Discovery>) -> (DiscoveryService, Registry) {
+        let registry = Registry::new();
+        let metrics = Metrics::register(&registry).expect("metrics");
+        (DiscoveryService::new(discovery.clone(), metrics), registry)
+    }
+
+    /// A request from `from` with a verified certificate of `identity`
+    /// valid for `valid` more.
+    fn request(from: &str, identity: Option<&str>, valid: Duration) -> Request<WatchRequest> {
+        let mut request = Request::new(WatchRequest {});
+        request.extensions_mut().insert(Caller {
+            addr: SocketAddr::new(ip(from), 40000),
+            certificate: identity.map(|i| (id(i), SystemTime::now() + valid)),
+        });
+        request
+    }
+
+    async fn open(
+        service: &DiscoveryService,
+        request: Request<WatchRequest>,
+    ) -> Result<Stream, Status> {
+        Ok(service.watch(request).await?.into_inner())
+    }
+
+    async fn next(stream: &mut Stream) -> Result<WatchResponse, Status> {
+        tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("a message in time")
+            .expect("the stream goes on")
+    }
+
+    fn refused(registry: &Registry, reason: &str) -> f64 {
+        crate::service::tests::counter(
+            registry,
+            "palisade_discovery_streams_refused_total",
+            &[("reason", reason)],
+        )
+    }
+
+    const A: &str = "spiffe://cluster.local/ns/shop/sa/a";
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn cluster() -> Arc<Discovery> {
+        let discovery = Discovery::new(td());
+        discovery.replace_pods(&[
+            pod("ua", "shop", "a-1", "a", "198.18.0.1", true),
+            pod("ub", "shop", "b-1", "b", "198.18.0.2", true),
+        ]);
+        discovery.mark_synced();
+        discovery
+    }
+
+    #[tokio::test]
+    async fn a_stream_needs_a_certificate_a_synced_state_and_the_callers_own_pod() {
+        let discovery = Discovery::new(td());
+        discovery.replace_pods(&[pod("ua", "shop", "a-1", "a", "198.18.0.1", true)]);
+        let (service, registry) = service(&discovery);
+        let cases: [(Request<WatchRequest>, Code, &str); 2] = [
+            (
+                request("198.18.0.1", None, HOUR),
+                Code::Unauthenticated,
+                "no_client_cert",
+            ),
+            (
+                request("198.18.0.1", Some(A), HOUR),
+                Code::Unavailable,
+                "not_synced",
+            ),
+        ];
+        for (request, code, reason) in cases {
+            let status = open(&service, request).await.err().expect("refused");
+            assert_eq!(status.code(), code, "{reason}: {status:?}");
+            assert_eq!(refused(&registry, reason), 1.0);
+        }
+        // No connect info at all (not our listener): no certificate.
+        let status = open(&service, Request::new(WatchRequest {}))
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(status.code(), Code::Unauthenticated);
+
+        discovery.mark_synced();
+        discovery.apply_pod(&pod("ub", "shop", "b-1", "b", "198.18.0.2", true));
+        discovery.apply_pod(&pod("u9", "shop", "x-1", "x", "198.18.0.9", true));
+        discovery.apply_pod(&pod("u8", "shop", "y-1", "y", "198.18.0.9", true));
+        for (from, reason) in [
+            // a's certificate from b's address: b's pod is not a.
+            ("198.18.0.2", "other_identity"),
+            ("198.18.0.7", "no_pod"),
+            ("198.18.0.9", "contested"),
+        ] {
+            let status = open(&service, request(from, Some(A), HOUR))
+                .await
+                .err()
+                .expect("refused");
+            assert_eq!(status.code(), Code::PermissionDenied, "{from}: {status:?}");
+            assert_eq!(refused(&registry, reason), 1.0, "{from}");
+        }
+        // A request on a connection whose certificate has expired since.
+        let status = open(&service, request("198.18.0.1", Some(A), Duration::ZERO))
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        assert_eq!(refused(&registry, "certificate_expired"), 1.0);
+        // IPv4-mapped IPv6 (a dual-stack listener) is the IPv4 address.
+        let mut stream = open(&service, request("::ffff:198.18.0.1", Some(A), HOUR))
+            .await
+            .expect("a's own address");
+        assert!(next(&mut stream).await.expect("snapshot").snapshot);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_then_each_change_and_a_fresh_snapshot_after_falling_behind() {
+        let discovery = cluster();
+        let (service, registry) = service(&discovery);
+        let mut stream = open(&service, request("198.18.0.1", Some(A), HOUR))
+            .await
+            .expect("bound");
+        let first = next(&mut stream).await.expect("snapshot");
+        assert!(first.snapshot);
+        let known: Vec<_> = first
+            .addresses
+            .iter()
+            .map(|a| decode(a).expect("valid"))
+            .collect();
+        assert_eq!(
+            known,
+            [
+                (ip("198.18.0.1"), Resolution::Meshed(id(A))),
+                (ip("198.18.0.2"), Resolution::Meshed(id(B))),
+            ]
+        );
+
+        discovery.delete_pod(&pod("ub", "shop", "b-1", "b", "198.18.0.2", true));
+        let change = next(&mut stream).await.expect("a change");
+        assert!(!change.snapshot);
+        assert_eq!(change.removed, [vec![198, 18, 0, 2]]);
+        assert!(change.addresses.is_empty());
+
+        // More changes than the broadcast holds while the stream is not
+        // read: the stream starts again from a fresh snapshot.
+        for n in 0..1100u32 {
+            let address = format!("198.18.{}.{}", 1 + n / 250, 1 + n % 250);
+            discovery.apply_pod(&pod(
+                &format!("u{n}"),
+                "shop",
+                &format!("p-{n}"),
+                "p",
+                &address,
+                false,
+            ));
+        }
+        let fresh = next(&mut stream).await.expect("a fresh snapshot");
+        assert!(fresh.snapshot);
+        assert_eq!(fresh.addresses.len(), 1101);
+        assert_eq!(
+            crate::service::tests::counter(&registry, "palisade_discovery_resyncs_total", &[]),
+            1.0
+        );
+    }
+
+    #[tokio::test]
+    async fn the_stream_ends_when_its_pod_goes_or_its_certificate_expires() {
+        let discovery = cluster();
+        let (service, registry) = service(&discovery);
+        let ended = |reason: &str| {
+            crate::service::tests::counter(
+                &registry,
+                "palisade_discovery_streams_ended_total",
+                &[("reason", reason)],
+            )
+        };
+
+        let mut stream = open(&service, request("198.18.0.1", Some(A), HOUR))
+            .await
+            .expect("bound");
+        next(&mut stream).await.expect("snapshot");
+        // The caller's pod is replaced by one of another service account.
+        discovery.delete_pod(&pod("ua", "shop", "a-1", "a", "198.18.0.1", true));
+        let status = next(&mut stream).await.expect_err("unbound");
+        assert_eq!(status.code(), Code::PermissionDenied);
+        assert!(stream.next().await.is_none(), "nothing after the end");
+        assert_eq!(ended("unbound"), 1.0);
+
+        discovery.apply_pod(&pod("ua", "shop", "a-1", "a", "198.18.0.1", true));
+        let mut stream = open(
+            &service,
+            request("198.18.0.1", Some(A), Duration::from_millis(300)),
+        )
+        .await
+        .expect("bound");
+        next(&mut stream).await.expect("snapshot");
+        let status = next(&mut stream).await.expect_err("expired");
+        assert_eq!(status.code(), Code::Unauthenticated);
+        assert_eq!(ended("certificate_expired"), 1.0);
+
+        // A caller that goes away is counted too.
+        let mut stream = open(&service, request("198.18.0.1", Some(A), HOUR))
+            .await
+            .expect("bound");
+        next(&mut stream).await.expect("snapshot");
+        drop(stream);
+        assert_eq!(ended("closed"), 1.0);
+        assert_eq!(
+            crate::service::tests::counter(&registry, "palisade_discovery_streams_active", &[]),
+            0.0
+        );
+    }
+}

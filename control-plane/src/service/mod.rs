@@ -327,4 +327,4 @@ impl From<ca::Reason> for Reason {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

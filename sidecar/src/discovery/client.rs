@@ -8,7 +8,8 @@
 //! connection comes from. So the stream waits for the first certificate, and
 //! every reconnect presents the certificate in use then.
 //!
-//! A lost stream keeps the last state in use (connections keep being decided
+//! A renewed certificate replaces the stream with one that presents it. A
+//! lost stream keeps the last state in use (connections keep being decided
 //! on what was known) and reconnects with capped, jittered exponential
 //! backoff; a reconnect starts again from a fresh snapshot. A message that
 //! does not decode is refused whole, counted, and answered by reconnecting.
@@ -125,12 +126,20 @@ impl DiscoveryClient {
                     _ = certificates.changed() => continue,
                 }
             };
-            let synced = tokio::select! {
+            let ended = tokio::select! {
                 () = stop.cancelled() => return,
-                result = self.follow(&configs) => result,
+                result = self.follow(&configs) => Some(result),
+                // A renewed certificate: reconnect presenting it at once,
+                // before the control plane ends the stream at the old one's
+                // expiry.
+                _ = certificates.changed() => None,
             };
             self.metrics.stream_connected(false);
-            let (delivered, error) = synced;
+            let Some((delivered, error)) = ended else {
+                debug!("discovery: reconnecting with the renewed certificate");
+                failures = 0;
+                continue;
+            };
             if delivered {
                 failures = 0;
             }

@@ -20,9 +20,11 @@
 use std::{
     collections::HashMap,
     net::IpAddr,
-    sync::{PoisonError, RwLock},
+    sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
+
+use arc_swap::ArcSwapOption;
 
 use ipnet::IpNet;
 use palisade_proto::{
@@ -113,10 +115,16 @@ pub fn decide(
 }
 
 /// Per address, what must answer there.
+///
+/// Read once per outbound connection without a lock: the table is an
+/// immutable map swapped whole. The stream (the only writer) builds the next
+/// map from the current one; changes are rare next to connections.
 #[derive(Debug)]
 pub struct Destinations {
     /// `None` until the first snapshot.
-    known: RwLock<Option<HashMap<IpAddr, Resolution>>>,
+    known: ArcSwapOption<HashMap<IpAddr, Resolution>>,
+    /// Serializes writers, so no change is lost between load and store.
+    writer: Mutex<()>,
     /// Set once the first snapshot is in.
     synced: watch::Sender<bool>,
 }
@@ -135,7 +143,8 @@ pub struct Applied {
 impl Default for Destinations {
     fn default() -> Self {
         Self {
-            known: RwLock::new(None),
+            known: ArcSwapOption::empty(),
+            writer: Mutex::new(()),
             synced: watch::Sender::new(false),
         }
     }
@@ -155,11 +164,12 @@ impl Destinations {
             .iter()
             .map(|ip| discovery::decode_ip(ip))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut known = self.known.write().unwrap_or_else(PoisonError::into_inner);
-        let map = if message.snapshot {
-            known.insert(HashMap::with_capacity(set.len()))
+        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut map = if message.snapshot {
+            HashMap::with_capacity(set.len())
         } else {
-            known.as_mut().ok_or(ApplyError::BeforeSnapshot)?
+            let current = self.known.load_full().ok_or(ApplyError::BeforeSnapshot)?;
+            (*current).clone()
         };
         for address in &removed {
             map.remove(address);
@@ -170,7 +180,7 @@ impl Destinations {
             removed: removed.len(),
         };
         map.extend(set);
-        drop(known);
+        self.known.store(Some(Arc::new(map)));
         if message.snapshot {
             self.synced.send_replace(true);
         }
@@ -189,18 +199,14 @@ impl Destinations {
     /// What must answer at `address`: `Err` before the first snapshot,
     /// `Ok(None)` when discovery does not know it.
     pub fn resolve(&self, address: IpAddr) -> Result<Option<Resolution>, NotSynced> {
-        let known = self.known.read().unwrap_or_else(PoisonError::into_inner);
+        let known = self.known.load();
         let map = known.as_ref().ok_or(NotSynced)?;
         Ok(map.get(&address).cloned())
     }
 
     /// How many addresses are known (0 before the first snapshot).
     pub fn len(&self) -> usize {
-        self.known
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .map_or(0, HashMap::len)
+        self.known.load().as_ref().map_or(0, |map| map.len())
     }
 
     /// Whether no address is known.
