@@ -111,6 +111,7 @@ fn a_plain_host_in_the_pod_network_is_reached_in_plain_tcp_at_once() {
         App::reply("h", &line, A_IP, APP_PORT),
         "plain TCP, from a's address"
     );
+    eprintln!("a reached the plain host h in {took:?} (connect to the end of the reply)");
     assert!(
         took < Duration::from_millis(50),
         "h answered after {took:?}"
