@@ -17,7 +17,7 @@ use tracing::{error, info, warn};
 use palisade_proto::TrustDomain;
 use palisade_runtime::{
     admin::{self, AdminState},
-    verifier::{OptionalClientVerifier, Verification},
+    verifier::{SpiffeClientVerifier, Verification},
     watch::reload_on_change,
 };
 
@@ -403,7 +403,7 @@ impl App {
 /// becomes the roots discovery callers are verified against.
 async fn watch_ca(
     ca: Arc<CaStore>,
-    mesh_clients: Option<Arc<OptionalClientVerifier>>,
+    mesh_clients: Option<Arc<SpiffeClientVerifier>>,
     trust_domain: TrustDomain,
     metrics: Metrics,
     stop: impl Future<Output = ()>,

@@ -3,33 +3,20 @@
 //! plane's serving certificate ([`crate::ca::serving`]), accepted by the
 //! loop both servers share ([`crate::tls`]).
 //!
-//! Each connection carries who its TLS handshake says the caller is
-//! ([`Caller`]: the address, and the identity of a verified client
-//! certificate when one was presented) into every request on it.
+//! tonic keeps each connection's peer address and verified client
+//! certificate beside every request on it; the discovery service reads who
+//! the caller is from there ([`crate::discovery::Caller`]).
 
-use std::{
-    future::Future,
-    io,
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-    time::{Duration, SystemTime},
-};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use palisade_proto::{
     discovery::v1::discovery_server::DiscoveryServer, identity::v1::identity_server::IdentityServer,
 };
-use palisade_runtime::verifier::spiffe_id;
-use rustls::{ServerConfig, pki_types::CertificateDer};
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
-};
-use tokio_rustls::server::TlsStream;
-use tonic::transport::server::Connected;
+use rustls::ServerConfig;
+use tokio::net::TcpListener;
 
 use crate::{
-    discovery::{Caller, DiscoveryService},
+    discovery::DiscoveryService,
     service::IdentityService,
     tls::{AcceptLimits, Established, Incoming},
 };
@@ -54,13 +41,6 @@ pub struct ServerLimits {
 /// take about 600 KB.
 const MAX_DISCOVERY_MESSAGE: usize = 16 * 1024 * 1024;
 
-/// One accepted connection and who is on the other end of it.
-#[derive(Debug)]
-pub struct Connection {
-    tls: TlsStream<TcpStream>,
-    caller: Caller,
-}
-
 /// Serves `Identity` (and `Discovery`, when given) on `listener` until
 /// `shutdown`, then drains in-flight calls.
 pub async fn serve(
@@ -79,17 +59,8 @@ pub async fn serve(
     // A slot bounds handshakes in progress: it is released once tonic has
     // the connection.
     let connections = futures::stream::unfold(incoming, |mut incoming| async move {
-        let Established { tls, peer, .. } = incoming.next().await?;
-        let caller = Caller {
-            addr: peer,
-            certificate: tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|chain| chain.first())
-                .and_then(certificate_facts),
-        };
-        Some((Ok::<_, io::Error>(Connection { tls, caller }), incoming))
+        let Established { tls, .. } = incoming.next().await?;
+        Some((Ok::<_, std::io::Error>(tls), incoming))
     });
     tonic::transport::Server::builder()
         .timeout(limits.request_timeout)
@@ -108,64 +79,4 @@ pub async fn serve(
         }))
         .serve_with_incoming_shutdown(connections, shutdown)
         .await
-}
-
-/// The identity and notAfter of a client certificate the handshake has
-/// verified (chain, usage, one SPIFFE ID of the trust domain).
-fn certificate_facts(leaf: &CertificateDer<'_>) -> Option<(palisade_proto::SpiffeId, SystemTime)> {
-    use x509_parser::prelude::{FromDer, X509Certificate};
-    let identity = spiffe_id(leaf).ok()?;
-    let (_, cert) = X509Certificate::from_der(leaf).ok()?;
-    let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
-    Some((identity, SystemTime::UNIX_EPOCH + Duration::from_secs(secs)))
-}
-
-// === impl Connection ===
-
-impl Connected for Connection {
-    type ConnectInfo = Caller;
-
-    fn connect_info(&self) -> Caller {
-        self.caller.clone()
-    }
-}
-
-impl AsyncRead for Connection {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tls).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Connection {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tls).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tls).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tls).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tls).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.tls.is_write_vectored()
-    }
 }

@@ -9,7 +9,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use palisade_runtime::verifier::OptionalClientVerifier;
+use palisade_runtime::verifier::SpiffeClientVerifier;
 use rustls::ServerConfig;
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -30,7 +30,7 @@ use crate::ca::serving::ServingCert;
 pub fn server_config(
     cert: Arc<ServingCert>,
     alpn: &[&[u8]],
-    clients: Option<Arc<OptionalClientVerifier>>,
+    clients: Option<Arc<SpiffeClientVerifier>>,
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
     let builder = ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),

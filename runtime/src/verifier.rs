@@ -9,9 +9,9 @@
 //!
 //! The sidecar uses [`SpiffeServerVerifier`] and [`SpiffeClientVerifier`],
 //! rebuilt with every certificate it installs. The control plane's gRPC port
-//! uses [`OptionalClientVerifier`]: `Certify` callers have no certificate
-//! yet, discovery callers must present one, and the roots follow the CA's
-//! bundle without a new TLS configuration.
+//! uses [`Verification::optional_client_verifier`]: `Certify` callers have
+//! no certificate yet, discovery callers must present one, and the roots
+//! follow the CA's bundle without a new TLS configuration.
 
 use std::sync::Arc;
 
@@ -59,18 +59,14 @@ pub struct SpiffeServerVerifier {
     expected: Option<SpiffeId>,
 }
 
-/// Verifies a mesh client (inbound side); a client certificate is mandatory.
+/// Verifies a mesh client. The sidecar's inbound side requires a client
+/// certificate; the control plane's gRPC port also admits callers without
+/// one (a certificate that is presented must verify; only its absence is
+/// allowed), and replaces the anchors while the verifier is in use.
 #[derive(Debug)]
 pub struct SpiffeClientVerifier {
-    checker: Arc<Checker>,
-}
-
-/// Verifies mesh clients that may also come without a certificate, against
-/// anchors that can be replaced while it is in use. A certificate that is
-/// presented must verify; only its absence is allowed.
-#[derive(Debug)]
-pub struct OptionalClientVerifier {
     checker: ArcSwap<Checker>,
+    mandatory: bool,
 }
 
 /// The trust anchors and rules both verifiers share.
@@ -105,18 +101,21 @@ impl Verification {
         })
     }
 
-    /// A verifier for clients.
+    /// A verifier for clients, which must present a certificate.
     pub fn client_verifier(&self) -> Arc<SpiffeClientVerifier> {
-        Arc::new(SpiffeClientVerifier {
-            checker: self.0.clone(),
-        })
+        self.clients(true)
     }
 
     /// A verifier for clients that may come without a certificate, whose
-    /// anchors [`OptionalClientVerifier::replace`] changes.
-    pub fn optional_client_verifier(&self) -> Arc<OptionalClientVerifier> {
-        Arc::new(OptionalClientVerifier {
+    /// anchors [`SpiffeClientVerifier::replace`] changes.
+    pub fn optional_client_verifier(&self) -> Arc<SpiffeClientVerifier> {
+        self.clients(false)
+    }
+
+    fn clients(&self, mandatory: bool) -> Arc<SpiffeClientVerifier> {
+        Arc::new(SpiffeClientVerifier {
             checker: ArcSwap::new(self.0.clone()),
+            mandatory,
         })
     }
 
@@ -275,39 +274,14 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 
 // === impl SpiffeClientVerifier ===
 
-impl ClientCertVerifier for SpiffeClientVerifier {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, Error> {
-        self.checker
-            .verify(end_entity, intermediates, now, true, None)?;
-        Ok(ClientCertVerified::assertion())
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        true
-    }
-
-    handshake_signatures!(this => this.checker.algorithms);
-}
-
-// === impl OptionalClientVerifier ===
-
-impl OptionalClientVerifier {
+impl SpiffeClientVerifier {
     /// Verifies with `verification`'s anchors from the next handshake on.
     pub fn replace(&self, verification: &Verification) {
         self.checker.store(verification.0.clone());
     }
 }
 
-impl ClientCertVerifier for OptionalClientVerifier {
+impl ClientCertVerifier for SpiffeClientVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         &[]
     }
@@ -325,7 +299,7 @@ impl ClientCertVerifier for OptionalClientVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        false
+        self.mandatory
     }
 
     handshake_signatures!(this => this.checker.load().algorithms);

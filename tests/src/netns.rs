@@ -68,6 +68,9 @@ const OLD_PREFIXES: [&str; 2] = ["palisade-e2e-", "palisade-t-"];
 /// The range every address of a test comes from: 198.18.0.0/15.
 const TEST_RANGE: (Ipv4Addr, u32) = (Ipv4Addr::new(198, 18, 0, 0), 15);
 
+/// The uid the sidecar runs as (capture skips its traffic).
+pub const PROXY_UID: u32 = 1337;
+
 /// The packages providing the tools the harness and its tests call.
 const PACKAGES: &str = "iproute2 iptables tcpdump util-linux python3 curl coreutils";
 
@@ -173,24 +176,10 @@ while True:
         threading.Thread(target=serve, args=(conn, peer), daemon=True).start()
 "#;
 
-/// A client app: a plain `connect()`, one line out, everything back until EOF.
+/// A client app: a plain `connect()`, one line out, everything back until
+/// EOF. The first line it prints is the seconds from before `connect()` to
+/// the end of the reply, measured inside the namespace; the reply follows.
 const CLIENT: &str = r#"
-import socket, sys
-host, port, line = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-conn = socket.create_connection((host, port), timeout=5)
-conn.sendall(line.encode() + b"\n")
-reply = b""
-while True:
-    chunk = conn.recv(4096)
-    if not chunk:
-        break
-    reply += chunk
-sys.stdout.write(reply.decode(errors="replace"))
-"#;
-
-/// [`CLIENT`], timed: the first line out is the seconds from before
-/// `connect()` to the end of the reply, measured inside the namespace.
-const TIMED_CLIENT: &str = r#"
 import socket, sys, time
 host, port, line = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 start = time.monotonic()
@@ -936,23 +925,7 @@ pub fn send_as(
     port: u16,
     line: &str,
 ) -> Result<String, String> {
-    let output = from
-        .command_as(user, tool("timeout"))
-        .arg("10")
-        .arg(tool("python3"))
-        .args(["-c", CLIENT, &ip.to_string(), &port.to_string(), line])
-        .output()
-        .expect("run the client");
-    if output.status.success() {
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-    } else {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        Err(format!(
-            "{}: {}",
-            output.status,
-            stderr.lines().last().unwrap_or_default()
-        ))
-    }
+    exchange(from, user, ip, port, line).map(|(reply, _)| reply)
 }
 
 /// [`send`], and how long the exchange took from before `connect()` to the
@@ -963,14 +936,25 @@ pub fn send_timed(
     port: u16,
     line: &str,
 ) -> Result<(String, Duration), String> {
+    exchange(from, &User::root(), ip, port, line)
+}
+
+/// Runs [`CLIENT`] in `from` as `user`: the reply and how long it took, or
+/// why there was none.
+fn exchange(
+    from: &Netns,
+    user: &User,
+    ip: Ipv4Addr,
+    port: u16,
+    line: &str,
+) -> Result<(String, Duration), String> {
     let output = from
-        .command_as(&User::root(), tool("timeout"))
+        .command_as(user, tool("timeout"))
         .arg("10")
         .arg(tool("python3"))
-        .args(["-c", TIMED_CLIENT, &ip.to_string(), &port.to_string(), line])
+        .args(["-c", CLIENT, &ip.to_string(), &port.to_string(), line])
         .output()
         .expect("run the client");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         return Err(format!(
@@ -979,11 +963,84 @@ pub fn send_timed(
             stderr.lines().last().unwrap_or_default()
         ));
     }
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let (took, reply) = stdout.split_once('\n').ok_or("no timing line")?;
     let took: f64 = took
         .parse()
         .map_err(|_| format!("bad timing line {took:?}"))?;
     Ok((reply.to_owned(), Duration::from_secs_f64(took)))
+}
+
+/// A marker no other run and no other step uses: a line to look for on
+/// the wire and in an app's log.
+pub fn secret(step: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("PALISADE-SECRET-{step}-{}-{nanos:x}", std::process::id())
+}
+
+/// `curl -sf URL` inside `host`: the body, or empty when it fails.
+pub fn curl(host: &Netns, url: &str) -> String {
+    host.command(tool("curl"))
+        .args(["-sf", "--max-time", "5", url])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// The HTTP status `url` answers inside `host` within a second (`000`, or
+/// empty, when nothing answers).
+pub fn curl_status(host: &Netns, url: &str) -> String {
+    host.command(tool("curl"))
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "1",
+            url,
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// `test FLAG path` as the sidecar's uid.
+pub fn as_proxy_uid(flag: &str, path: &Path) -> bool {
+    Command::new(tool("setpriv"))
+        .args(User::uid(PROXY_UID).setpriv_args())
+        .arg(tool("test"))
+        .arg(flag)
+        .arg(path)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The sidecar binary at a path the sidecar's uid can execute: the built
+/// one, or a link or copy of it in the LAN's directory when `target/` is
+/// closed to it.
+pub fn sidecar_for_proxy_uid(lan: &Lan) -> PathBuf {
+    let built = crate::bin("palisade-sidecar");
+    if as_proxy_uid("-x", &built) {
+        return built;
+    }
+    let dir = lan.dir().join("bin");
+    fs::create_dir_all(&dir).expect("mkdir");
+    let copy = dir.join("palisade-sidecar");
+    if fs::hard_link(&built, &copy).is_err() {
+        fs::copy(&built, &copy).expect("copy the sidecar binary");
+    }
+    fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).expect("chmod");
+    assert!(
+        as_proxy_uid("-x", &copy),
+        "uid {PROXY_UID} cannot execute {}",
+        copy.display()
+    );
+    copy
 }
 
 /// Whether `needle` (non-empty) appears in `haystack`.

@@ -407,14 +407,7 @@ async fn streams_are_authenticated_bound_to_their_pod_and_follow_every_pod_event
         seen(&destinations, "127.0.0.5"),
         Some(Resolution::Meshed(id(C)))
     );
-    let mut text = Vec::new();
-    prometheus::Encoder::encode(
-        &prometheus::TextEncoder::new(),
-        &registry.gather(),
-        &mut text,
-    )
-    .expect("encode");
-    let text = String::from_utf8(text).expect("utf-8");
+    let text = encode(&registry);
     assert_eq!(
         metric(&text, "palisade_discovery_stream_connected", &[]),
         0.0

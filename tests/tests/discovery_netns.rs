@@ -25,12 +25,15 @@ use std::{
     os::unix::fs::chown,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use palisade_tests::{
     bin, eventually, metric,
-    netns::{App, Lan, Netns, Proc, User, contains, run, send, send_timed, tool},
+    netns::{
+        App, Lan, Netns, PROXY_UID, Proc, User, contains, curl, curl_status, run, secret, send,
+        send_timed, sidecar_for_proxy_uid, tool,
+    },
     write_tokens,
 };
 
@@ -45,7 +48,6 @@ const B_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const H_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
 const MESH_NETWORKS: &str = "198.18.0.0/24";
 const APP_PORT: u16 = 8080;
-const PROXY_UID: u32 = 1337;
 const WAIT: Duration = Duration::from_secs(15);
 
 // === the scenario, one step per test ===
@@ -335,7 +337,7 @@ impl Mesh {
             sidecars: Vec::new(),
             apps: Vec::new(),
             _control_plane: control_plane,
-            sidecar_bin: bin("palisade-sidecar"),
+            sidecar_bin: sidecar_for_proxy_uid(&lan),
             ca_dir,
             cp: ControlPlaneAddr { grpc },
             discovery,
@@ -345,7 +347,6 @@ impl Mesh {
             (curl_status(mesh.lan.host("cp"), &format!("http://{CP_IP}:15014/ready")) == "200")
                 .then_some(())
         });
-        mesh.sidecar_bin = proxy_readable(&mesh.lan, &mesh.sidecar_bin);
         fs::copy(
             mesh.ca_dir.join("ca.crt"),
             mesh.lan.dir().join("bundle.crt"),
@@ -500,15 +501,6 @@ fn token(identity: &str) -> String {
     format!("token-for-{}", identity.replace('/', "-"))
 }
 
-/// A marker no other run and no other step uses.
-fn secret(step: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    format!("PALISADE-SECRET-{step}-{}-{nanos:x}", std::process::id())
-}
-
 /// Replaces the discovery file in one rename, as a ConfigMap update would.
 fn write_discovery(path: &Path, workloads: &[(&str, Ipv4Addr, Option<&str>)]) {
     let mut text = String::from("workloads:\n");
@@ -522,58 +514,4 @@ fn write_discovery(path: &Path, workloads: &[(&str, Ipv4Addr, Option<&str>)]) {
     let next = path.with_extension("next");
     fs::write(&next, text).expect("write the discovery file");
     fs::rename(&next, path).expect("replace the discovery file");
-}
-
-/// `curl -sf URL` inside `host`; empty when it fails.
-fn curl(host: &Netns, url: &str) -> String {
-    host.command(tool("curl"))
-        .args(["-sf", "--max-time", "5", url])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
-}
-
-/// The HTTP status `url` answers inside `host`.
-fn curl_status(host: &Netns, url: &str) -> String {
-    host.command(tool("curl"))
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "1",
-            url,
-        ])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
-}
-
-/// `built`, or a copy uid 1337 can execute when `target/` is closed to it.
-fn proxy_readable(lan: &Lan, built: &Path) -> PathBuf {
-    let uid = PROXY_UID.to_string();
-    let can = |path: &Path| {
-        Command::new(tool("setpriv"))
-            .args(["--reuid", &uid, "--regid", &uid, "--clear-groups"])
-            .arg(tool("test"))
-            .arg("-x")
-            .arg(path)
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if can(built) {
-        return built.to_owned();
-    }
-    let copy = lan.dir().join("palisade-sidecar");
-    fs::copy(built, &copy).expect("copy the sidecar binary");
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).expect("chmod");
-    assert!(
-        can(&copy),
-        "uid {PROXY_UID} cannot execute {}",
-        copy.display()
-    );
-    copy
 }

@@ -22,15 +22,18 @@
 use std::{
     fs,
     net::{Ipv4Addr, SocketAddrV4},
-    os::unix::fs::{PermissionsExt, chown},
+    os::unix::fs::chown,
     path::{Path, PathBuf},
     process::Command,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use palisade_tests::{
     ControlPlane, bin, eventually, metric,
-    netns::{App, Lan, Netns, Proc, Signal, User, contains, run, send, tool},
+    netns::{
+        App, Lan, Netns, PROXY_UID, Proc, Signal, User, as_proxy_uid, contains, curl_status, run,
+        secret, send, sidecar_for_proxy_uid, tool,
+    },
 };
 
 const A_ID: &str = "spiffe://cluster.local/ns/a/sa/app-a";
@@ -47,7 +50,6 @@ const MESH_NETWORKS: &str = "198.18.0.0/25";
 const APP_PORT: u16 = 8080;
 /// b's port that both pods exclude from capture.
 const EXCLUDED_PORT: u16 = 9090;
-const PROXY_UID: u32 = 1337;
 
 const ALLOW_ALL: &str = "default: allow\nrules: []\n";
 const DENY_A_ON_APP_PORT: &str = "\
@@ -483,14 +485,7 @@ impl Sidecar {
                 if let Some(status) = proc.exited() {
                     panic!("sidecar {name} exited ({status}) before it was ready");
                 }
-                let code = pod
-                    .command(tool("curl"))
-                    .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
-                    .args(["--max-time", "1", "http://127.0.0.1:15020/ready"])
-                    .output()
-                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                    .unwrap_or_default();
-                (code == "200").then_some(())
+                (curl_status(pod, "http://127.0.0.1:15020/ready") == "200").then_some(())
             },
         );
         Self(proc)
@@ -508,15 +503,6 @@ impl Sidecar {
 }
 
 // === set-up ===
-
-/// A marker no other run and no other step uses.
-fn secret(step: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    format!("PALISADE-SECRET-{step}-{}-{nanos:x}", std::process::id())
-}
 
 /// Gets a certificate for `identity` from the control plane with
 /// `palisade-sidecar certify`, in the host namespace, into a directory the
@@ -554,40 +540,6 @@ fn certify(lan: &Lan, cp: &ControlPlane, name: &str, identity: &str, token: &str
         out.display()
     );
     out
-}
-
-/// The sidecar binary at a path uid 1337 can execute: the built one, or a
-/// link or copy of it in the test's directory when `target/` is closed to it.
-fn sidecar_for_proxy_uid(lan: &Lan) -> PathBuf {
-    let built = bin("palisade-sidecar");
-    if as_proxy_uid("-x", &built) {
-        return built;
-    }
-    let dir = lan.dir().join("bin");
-    fs::create_dir(&dir).expect("mkdir");
-    let copy = dir.join("palisade-sidecar");
-    if fs::hard_link(&built, &copy).is_err() {
-        fs::copy(&built, &copy).expect("copy the sidecar binary");
-    }
-    fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).expect("chmod");
-    assert!(
-        as_proxy_uid("-x", &copy),
-        "uid {PROXY_UID} cannot execute {}",
-        copy.display()
-    );
-    copy
-}
-
-/// `test FLAG path` as the proxy uid.
-fn as_proxy_uid(flag: &str, path: &Path) -> bool {
-    let uid = PROXY_UID.to_string();
-    Command::new(tool("setpriv"))
-        .args(["--reuid", &uid, "--regid", &uid, "--clear-groups"])
-        .arg(tool("test"))
-        .arg(flag)
-        .arg(path)
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 /// Replaces the policy file in one rename, as a ConfigMap update would.

@@ -2,8 +2,8 @@
 //! it sends.
 //!
 //! A caller must present a mesh client certificate, verified in the TLS
-//! handshake against the CA's bundle ([`crate::grpc`] hands its identity
-//! over as [`Caller`]). The stream is then bound to the one live, meshed pod
+//! handshake against the CA's bundle ([`crate::tls::server_config`]); tonic
+//! keeps it and the peer address beside the request ([`Caller::of`]). The stream is then bound to the one live, meshed pod
 //! at the address the connection comes from whose identity is the
 //! certificate's: a certificate stolen from one pod cannot open a stream
 //! from another address, and a pod cannot pose as another service account.
@@ -19,7 +19,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::Arc,
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use futures::Stream;
@@ -30,6 +30,8 @@ use palisade_proto::{
         v1::{WatchRequest, WatchResponse, discovery_server::Discovery as DiscoveryApi},
     },
 };
+use palisade_runtime::verifier::spiffe_id;
+use rustls::pki_types::CertificateDer;
 use tokio::sync::broadcast::{Receiver, error::RecvError};
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
@@ -38,7 +40,7 @@ use super::state::{BindError, Changes, Discovery};
 use crate::metrics::{ActiveStream, Metrics, StreamEnd, StreamRefusal};
 
 /// Who is on the other end of a gRPC connection, as its TLS handshake
-/// established it; tonic puts it into every request's extensions.
+/// established it.
 #[derive(Clone, Debug)]
 pub struct Caller {
     /// The address the connection comes from.
@@ -72,11 +74,61 @@ struct Watch {
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
 
+// === impl Caller ===
+
+impl Caller {
+    /// The caller of `request`, from what tonic kept of its connection's
+    /// TLS handshake; `None` without a peer address (not our listener).
+    pub fn of<T>(request: &Request<T>) -> Option<Self> {
+        Some(Self {
+            addr: request.remote_addr()?,
+            certificate: request
+                .peer_certs()
+                .and_then(|chain| chain.first().and_then(certificate_facts)),
+        })
+    }
+}
+
+/// The identity and notAfter of a client certificate the handshake has
+/// verified (chain, usage, one SPIFFE ID of the trust domain).
+fn certificate_facts(leaf: &CertificateDer<'_>) -> Option<(SpiffeId, SystemTime)> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let identity = spiffe_id(leaf).ok()?;
+    let (_, cert) = X509Certificate::from_der(leaf).ok()?;
+    let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+    Some((identity, SystemTime::UNIX_EPOCH + Duration::from_secs(secs)))
+}
+
 // === impl DiscoveryService ===
 
 impl DiscoveryService {
     pub fn new(discovery: Arc<Discovery>, metrics: Metrics) -> Self {
         Self { discovery, metrics }
+    }
+
+    /// Opens a stream for `caller`, or refuses it, counted and logged.
+    pub(crate) fn open(&self, caller: Option<Caller>) -> Result<Response<WatchStream>, Status> {
+        let caller = caller.as_ref();
+        let watch = match self.admit(caller) {
+            Ok(watch) => watch,
+            Err((reason, status)) => {
+                self.metrics.stream_refused(reason);
+                warn!(
+                    peer = ?caller.map(|c| c.addr),
+                    identity = ?caller.and_then(|c| c.certificate.as_ref()).map(|(id, _)| id.as_str()),
+                    %reason,
+                    error = status.message(),
+                    "discovery: refused a stream"
+                );
+                return Err(status);
+            }
+        };
+        info!(pod = %watch.pod, identity = %watch.identity, address = %watch.address, "discovery: stream open");
+        let stream = futures::stream::unfold(watch, |mut watch| async move {
+            let item = watch.next().await?;
+            Some((item, watch))
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     /// Authenticates and binds the caller, or says why not.
@@ -147,27 +199,7 @@ impl DiscoveryApi for DiscoveryService {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let caller = request.extensions().get::<Caller>();
-        let watch = match self.admit(caller) {
-            Ok(watch) => watch,
-            Err((reason, status)) => {
-                self.metrics.stream_refused(reason);
-                warn!(
-                    peer = ?caller.map(|c| c.addr),
-                    identity = ?caller.and_then(|c| c.certificate.as_ref()).map(|(id, _)| id.as_str()),
-                    %reason,
-                    error = status.message(),
-                    "discovery: refused a stream"
-                );
-                return Err(status);
-            }
-        };
-        info!(pod = %watch.pod, identity = %watch.identity, address = %watch.address, "discovery: stream open");
-        let stream = futures::stream::unfold(watch, |mut watch| async move {
-            let item = watch.next().await?;
-            Some((item, watch))
-        });
-        Ok(Response::new(Box::pin(stream)))
+        self.open(Caller::of(&request))
     }
 }
 

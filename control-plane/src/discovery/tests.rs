@@ -554,7 +554,7 @@ mod stream {
     use futures::StreamExt;
     use palisade_proto::discovery::{
         decode,
-        v1::{WatchRequest, WatchResponse, discovery_server::Discovery as _},
+        v1::{WatchRequest, WatchResponse},
     };
     use prometheus::Registry;
     use tonic::{Code, Request, Status};
@@ -573,22 +573,17 @@ mod stream {
         (DiscoveryService::new(discovery.clone(), metrics), registry)
     }
 
-    /// A request from `from` with a verified certificate of `identity`
-    /// valid for `valid` more.
-    fn request(from: &str, identity: Option<&str>, valid: Duration) -> Request<WatchRequest> {
-        let mut request = Request::new(WatchRequest {});
-        request.extensions_mut().insert(Caller {
+    /// A caller at `from` with a verified certificate of `identity` valid
+    /// for `valid` more.
+    fn request(from: &str, identity: Option<&str>, valid: Duration) -> Option<Caller> {
+        Some(Caller {
             addr: SocketAddr::new(ip(from), 40000),
             certificate: identity.map(|i| (id(i), SystemTime::now() + valid)),
-        });
-        request
+        })
     }
 
-    async fn open(
-        service: &DiscoveryService,
-        request: Request<WatchRequest>,
-    ) -> Result<Stream, Status> {
-        Ok(service.watch(request).await?.into_inner())
+    async fn open(service: &DiscoveryService, caller: Option<Caller>) -> Result<Stream, Status> {
+        Ok(service.open(caller)?.into_inner())
     }
 
     async fn next(stream: &mut Stream) -> Result<WatchResponse, Status> {
@@ -624,7 +619,7 @@ mod stream {
         let discovery = Discovery::new(td());
         discovery.replace_pods(&[pod("ua", "shop", "a-1", "a", "198.18.0.1", true)]);
         let (service, registry) = service(&discovery);
-        let cases: [(Request<WatchRequest>, Code, &str); 2] = [
+        let cases: [(Option<Caller>, Code, &str); 2] = [
             (
                 request("198.18.0.1", None, HOUR),
                 Code::Unauthenticated,
@@ -642,7 +637,7 @@ mod stream {
             assert_eq!(refused(&registry, reason), 1.0);
         }
         // No connect info at all (not our listener): no certificate.
-        let status = open(&service, Request::new(WatchRequest {}))
+        let status = open(&service, Caller::of(&Request::new(WatchRequest {})))
             .await
             .err()
             .expect("refused");
