@@ -156,9 +156,9 @@ impl App {
             }),
             Some(DiscoverySource::File { path }) => {
                 let discovery = Discovery::new(config.trust_domain.clone());
-                let workloads = load_discovery_file(path, &discovery)
+                let (workloads, services) = load_discovery_file(path, &discovery)
                     .with_context(|| format!("loading the discovery file {}", path.display()))?;
-                info!(file = %path.display(), workloads, "discovery: loaded the discovery file");
+                info!(file = %path.display(), workloads, services, "discovery: loaded the discovery file");
                 metrics.watching(ReloadSource::DiscoveryFile);
                 Some(DiscoveryParts {
                     state: discovery,
@@ -167,7 +167,7 @@ impl App {
             }
         };
         if let Some(DiscoveryParts { state: d, .. }) = &discovery {
-            metrics.discovery_known(d.is_synced(), d.workloads(), d.addresses());
+            metrics.discovery_known(d);
         }
         Ok(Self {
             config,
@@ -441,12 +441,16 @@ async fn watch_ca(
     .await;
 }
 
-/// Loads the discovery file into `discovery`; returns how many workloads it holds.
-fn load_discovery_file(path: &std::path::Path, discovery: &Discovery) -> anyhow::Result<usize> {
+/// Loads the discovery file into `discovery`; returns how many workloads
+/// and Services it holds.
+fn load_discovery_file(
+    path: &std::path::Path,
+    discovery: &Discovery,
+) -> anyhow::Result<(usize, usize)> {
     let text = std::fs::read_to_string(path).context("reading it")?;
-    let workloads = discovery::file::parse(&text, discovery.trust_domain())?;
-    let n = workloads.len();
-    discovery.replace_workloads(workloads);
+    let parsed = discovery::file::parse(&text, discovery.trust_domain())?;
+    let n = (parsed.workloads.len(), parsed.services.len());
+    discovery.replace_file(parsed);
     discovery.mark_synced();
     Ok(n)
 }
@@ -460,10 +464,10 @@ async fn watch_discovery_file(
     stop: impl Future<Output = ()>,
 ) {
     reload_on_change(&path, stop, || match load_discovery_file(&path, &discovery) {
-        Ok(workloads) => {
+        Ok((workloads, services)) => {
             metrics.reloaded(ReloadSource::DiscoveryFile, Outcome::Success);
-            metrics.discovery_known(true, discovery.workloads(), discovery.addresses());
-            info!(file = %path.display(), workloads, "discovery: reloaded the discovery file");
+            metrics.discovery_known(&discovery);
+            info!(file = %path.display(), workloads, services, "discovery: reloaded the discovery file");
         }
         Err(error) => {
             metrics.reloaded(ReloadSource::DiscoveryFile, Outcome::Failure);

@@ -14,6 +14,7 @@ use prometheus::{Gauge, Histogram, IntCounter, IntCounterVec, IntGauge, Registry
 
 use crate::{
     authn,
+    discovery::Discovery,
     inject::{ReviewReason, ReviewResult},
     publish, service,
 };
@@ -90,6 +91,7 @@ pub struct Metrics {
     source_synced: IntGauge,
     source_workloads: IntGauge,
     source_addresses: IntGauge,
+    source_services: IntGauge,
 }
 
 // === impl Metrics ===
@@ -204,6 +206,10 @@ impl Metrics {
             "palisade_discovery_source_addresses",
             "Addresses discovery answers for (meshed, unmeshed or failing closed).",
         )?;
+        let source_services = f.int_gauge(
+            "palisade_discovery_source_services",
+            "Service cluster addresses discovery answers for.",
+        )?;
 
         // Present from the start, so rate() and absence alerts work before the first request.
         issued.with_label_values(&[Outcome::Success.as_str(), ISSUED_OK]);
@@ -225,6 +231,7 @@ impl Metrics {
             source_synced,
             source_workloads,
             source_addresses,
+            source_services,
             issued,
             issue_duration,
             issuer_expiration,
@@ -359,12 +366,12 @@ impl Metrics {
     }
 
     /// Records what the discovery source knows now.
-    pub fn discovery_known(&self, synced: bool, workloads: usize, addresses: usize) {
-        self.source_synced.set(i64::from(synced));
-        self.source_workloads
-            .set(i64::try_from(workloads).unwrap_or(i64::MAX));
-        self.source_addresses
-            .set(i64::try_from(addresses).unwrap_or(i64::MAX));
+    pub fn discovery_known(&self, discovery: &Discovery) {
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.source_synced.set(i64::from(discovery.is_synced()));
+        self.source_workloads.set(count(discovery.workloads()));
+        self.source_addresses.set(count(discovery.addresses()));
+        self.source_services.set(count(discovery.services()));
     }
 }
 

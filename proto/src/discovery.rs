@@ -5,11 +5,14 @@
 //! network: an address that is not 4 or 16 bytes, an identity that is not a
 //! SPIFFE ID, or an answer it does not know is an error, never a guess.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::{
     SpiffeId, SpiffeIdError,
-    discovery::v1::{Address, FailClosed, Unmeshed, address::Answer, fail_closed::Reason},
+    discovery::v1::{
+        Address, FailClosed, Unmeshed, address::Answer, endpoint::Answer as EndpointAnswer,
+        fail_closed::Reason,
+    },
 };
 
 /// Version 1 of the discovery API, package `palisade.discovery.v1`.
@@ -33,7 +36,33 @@ pub enum Resolution {
     Unidentifiable,
 }
 
-/// Why a received [`Address`] was not understood.
+/// A Service's cluster address: what its ports lead to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// `namespace/name`, for logs.
+    pub name: String,
+    /// Its TCP ports, in port order.
+    pub ports: Vec<ServicePort>,
+}
+
+/// One port of a Service and its ready endpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub port: u16,
+    /// Where a connection may go; empty: refused.
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// One ready endpoint of a Service port.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Endpoint {
+    /// The pod address and target port.
+    pub address: SocketAddr,
+    /// Who must answer there (mesh TLS); `None`: no sidecar, plain TCP.
+    pub identity: Option<SpiffeId>,
+}
+
+/// Why a received [`Address`] or [`v1::Service`] was not understood.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
     #[error("an address is {0} bytes; 4 or 16 are expected")]
@@ -45,6 +74,17 @@ pub enum WireError {
     },
     #[error("the answer for {0} is missing or of an unknown kind")]
     NoAnswer(IpAddr),
+    #[error("the service at {address} names port {port}; 1 to 65535 are expected")]
+    Port { address: IpAddr, port: u32 },
+}
+
+// === impl Service ===
+
+impl Service {
+    /// The endpoints of `port`; `None` when the Service has no such port.
+    pub fn port(&self, port: u16) -> Option<&ServicePort> {
+        self.ports.iter().find(|p| p.port == port)
+    }
 }
 
 // === impl Resolution ===
@@ -114,6 +154,81 @@ pub fn decode(wire: &Address) -> Result<(IpAddr, Resolution), WireError> {
     Ok((address, resolution))
 }
 
+/// The wire form of the Service at `address`.
+pub fn encode_service(address: IpAddr, service: &Service) -> v1::Service {
+    v1::Service {
+        ip: encode_ip(address),
+        name: service.name.clone(),
+        ports: service
+            .ports
+            .iter()
+            .map(|p| v1::ServicePort {
+                port: u32::from(p.port),
+                endpoints: p
+                    .endpoints
+                    .iter()
+                    .map(|e| v1::Endpoint {
+                        ip: encode_ip(e.address.ip()),
+                        port: u32::from(e.address.port()),
+                        answer: Some(match &e.identity {
+                            Some(id) => EndpointAnswer::Meshed(id.as_str().to_owned()),
+                            None => EndpointAnswer::Unmeshed(Unmeshed {}),
+                        }),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// A received Service and its cluster address; anything not understood in
+/// it (an address, a port, an identity, an answer) refuses it whole.
+pub fn decode_service(wire: &v1::Service) -> Result<(IpAddr, Service), WireError> {
+    let address = decode_ip(&wire.ip)?;
+    let port = |port: u32| {
+        u16::try_from(port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or(WireError::Port { address, port })
+    };
+    let ports = wire
+        .ports
+        .iter()
+        .map(|p| {
+            let endpoints = p
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let ip = decode_ip(&e.ip)?;
+                    let identity = match &e.answer {
+                        Some(EndpointAnswer::Meshed(id)) => Some(
+                            SpiffeId::parse(id)
+                                .map_err(|error| WireError::Identity { address: ip, error })?,
+                        ),
+                        Some(EndpointAnswer::Unmeshed(_)) => None,
+                        None => return Err(WireError::NoAnswer(ip)),
+                    };
+                    Ok(Endpoint {
+                        address: SocketAddr::new(ip, port(e.port)?),
+                        identity,
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+            Ok(ServicePort {
+                port: port(p.port)?,
+                endpoints,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((
+        address,
+        Service {
+            name: wire.name.clone(),
+            ports,
+        },
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,5 +286,65 @@ mod tests {
         assert!(Resolution::Conflict.fails_closed());
         assert!(Resolution::Unidentifiable.fails_closed());
         assert!(!Resolution::Unmeshed.fails_closed());
+    }
+
+    #[test]
+    fn a_service_survives_the_wire_and_a_bad_part_refuses_it_whole() {
+        let service = Service {
+            name: "shop/web".into(),
+            ports: vec![ServicePort {
+                port: 80,
+                endpoints: vec![
+                    Endpoint {
+                        address: "198.18.0.2:8080".parse().expect("address"),
+                        identity: Some(
+                            SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/web")
+                                .expect("valid"),
+                        ),
+                    },
+                    Endpoint {
+                        address: "[2001:db8::3]:8080".parse().expect("address"),
+                        identity: None,
+                    },
+                ],
+            }],
+        };
+        let wire = encode_service(ip("198.19.0.10"), &service);
+        assert_eq!(
+            decode_service(&wire),
+            Ok((ip("198.19.0.10"), service.clone()))
+        );
+        assert_eq!(service.port(80).map(|p| p.endpoints.len()), Some(2));
+        assert_eq!(service.port(81), None);
+
+        let broken = |change: &dyn Fn(&mut v1::Service)| {
+            let mut wire = wire.clone();
+            change(&mut wire);
+            decode_service(&wire)
+        };
+        assert_eq!(
+            broken(&|w| w.ports[0].port = 70_000),
+            Err(WireError::Port {
+                address: ip("198.19.0.10"),
+                port: 70_000
+            })
+        );
+        assert!(matches!(
+            broken(&|w| w.ports[0].endpoints[0].port = 0),
+            Err(WireError::Port { .. })
+        ));
+        assert!(matches!(
+            broken(&|w| w.ports[0].endpoints[1].ip = vec![1, 2, 3]),
+            Err(WireError::AddressLength(3))
+        ));
+        assert!(matches!(
+            broken(&|w| w.ports[0].endpoints[0].answer = None),
+            Err(WireError::NoAnswer(_))
+        ));
+        assert!(matches!(
+            broken(&|w| w.ports[0].endpoints[0].answer =
+                Some(EndpointAnswer::Meshed("not an id".into()))),
+            Err(WireError::Identity { .. })
+        ));
     }
 }

@@ -9,20 +9,36 @@
 //!   - name: data/db
 //!     addresses: [198.18.0.8, "2001:db8::8"]
 //!     unmeshed: true                                # plain TCP
+//! services:
+//!   - name: shop/web                                # for logs and errors
+//!     addresses: [198.19.0.10]                      # its cluster IPs
+//!     ports:
+//!       - port: 80
+//!         endpoints: ["198.18.0.2:8080", "198.18.0.3:8080"]
 //! ```
 //!
 //! Each workload has exactly one of `identity` (in the control plane's trust
 //! domain) and `unmeshed: true`. Two workloads on one address make it fail
-//! closed, as two live pods do. Unknown fields are errors; errors name the
-//! workload by position, counting from 1. A file that does not parse is
-//! refused as a whole, and the caller keeps the state it had.
+//! closed, as two live pods do. A Service's endpoints are ready; who must
+//! answer at each is the workload at its address (an address no workload
+//! claims is plain TCP, as a hand-written EndpointSlice's would be). A
+//! Service address is no workload's and no other Service's. Unknown fields
+//! are errors; errors name the workload or Service by position, counting
+//! from 1. A file that does not parse is refused as a whole, and the caller
+//! keeps the state it had.
 
-use std::net::IpAddr;
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+};
 
 use palisade_proto::{SpiffeId, SpiffeIdError, TrustDomain};
 use serde::Deserialize;
 
-use super::model::{Claim, Workload};
+use super::{
+    model::{Claim, Workload},
+    services::{EndpointDef, PortDef, ServiceDef, SliceDef},
+};
 
 /// Why a discovery file was refused.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -47,6 +63,29 @@ pub enum FileError {
         identity: String,
         trust_domain: String,
     },
+    #[error("service {service}: `{value}` is not an IP address")]
+    BadServiceAddress { service: usize, value: String },
+    #[error("service {service}: no addresses")]
+    NoServiceAddress { service: usize },
+    #[error("service {service}: the address {address} is already {owner}'s")]
+    AddressTaken {
+        service: usize,
+        address: IpAddr,
+        owner: String,
+    },
+    #[error("service {service}: port {port} is not 1 to 65535, or is listed twice")]
+    BadPort { service: usize, port: u32 },
+    #[error("service {service}: `{value}` is not an endpoint (address:port, [v6]:port)")]
+    BadEndpoint { service: usize, value: String },
+}
+
+/// What a discovery file holds: its workloads and Services, each with the
+/// key it is tracked by.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub workloads: Vec<(String, Workload)>,
+    /// Each Service with its endpoints, one slice per address family.
+    pub services: Vec<(String, ServiceDef, Vec<SliceDef>)>,
 }
 
 #[derive(Deserialize)]
@@ -54,6 +93,27 @@ pub enum FileError {
 struct File {
     #[serde(default)]
     workloads: Vec<FileWorkload>,
+    #[serde(default)]
+    services: Vec<FileService>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileService {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    addresses: Vec<String>,
+    #[serde(default)]
+    ports: Vec<FilePort>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePort {
+    port: u32,
+    #[serde(default)]
+    endpoints: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -69,17 +129,39 @@ struct FileWorkload {
     unmeshed: bool,
 }
 
-/// The workloads of a discovery file, each with the key it is tracked by.
-pub fn parse(yaml: &str, trust_domain: &TrustDomain) -> Result<Vec<(String, Workload)>, FileError> {
+/// The workloads and Services of a discovery file.
+pub fn parse(yaml: &str, trust_domain: &TrustDomain) -> Result<Parsed, FileError> {
     let file: File = if yaml.trim().is_empty() {
         File {
             workloads: Vec::new(),
+            services: Vec::new(),
         }
     } else {
         serde_saphyr::from_str(yaml)
             .map_err(|e| FileError::Syntax(e.without_snippet().to_string()))?
     };
-    file.workloads
+    let workloads = parse_workloads(file.workloads, trust_domain)?;
+    let mut owners: HashMap<IpAddr, String> = workloads
+        .iter()
+        .flat_map(|(_, w)| w.addresses.iter().map(|a| (*a, w.name.clone())))
+        .collect();
+    let services = file
+        .services
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| parse_service(i + 1, s, &mut owners))
+        .collect::<Result<_, _>>()?;
+    Ok(Parsed {
+        workloads,
+        services,
+    })
+}
+
+fn parse_workloads(
+    workloads: Vec<FileWorkload>,
+    trust_domain: &TrustDomain,
+) -> Result<Vec<(String, Workload)>, FileError> {
+    workloads
         .into_iter()
         .enumerate()
         .map(|(i, w)| {
@@ -126,4 +208,85 @@ pub fn parse(yaml: &str, trust_domain: &TrustDomain) -> Result<Vec<(String, Work
             ))
         })
         .collect()
+}
+
+/// Service number `service` of the file; `owners` holds who has each
+/// address so far, and gains this Service's.
+fn parse_service(
+    service: usize,
+    file: FileService,
+    owners: &mut HashMap<IpAddr, String>,
+) -> Result<(String, ServiceDef, Vec<SliceDef>), FileError> {
+    let name = file.name.unwrap_or_else(|| format!("service {service}"));
+    let mut cluster_ips = Vec::new();
+    for value in &file.addresses {
+        let address = value
+            .parse::<IpAddr>()
+            .map_err(|_| FileError::BadServiceAddress {
+                service,
+                value: value.chars().take(64).collect(),
+            })?
+            .to_canonical();
+        if let Some(owner) = owners.insert(address, name.clone()) {
+            return Err(FileError::AddressTaken {
+                service,
+                address,
+                owner,
+            });
+        }
+        cluster_ips.push(address);
+    }
+    if cluster_ips.is_empty() {
+        return Err(FileError::NoServiceAddress { service });
+    }
+    let key = format!("file/service/{service}");
+    let mut ports: Vec<PortDef> = Vec::new();
+    // A slice maps a port name to one target port, so each endpoint here
+    // is a slice of its own, for the one port (named by its number) it
+    // serves.
+    let mut slices = Vec::new();
+    for file_port in &file.ports {
+        let port = u16::try_from(file_port.port)
+            .ok()
+            .filter(|p| *p != 0 && !ports.iter().any(|d| d.port == *p))
+            .ok_or(FileError::BadPort {
+                service,
+                port: file_port.port,
+            })?;
+        ports.push(PortDef {
+            name: port.to_string(),
+            port,
+        });
+        for value in &file_port.endpoints {
+            let bad = || FileError::BadEndpoint {
+                service,
+                value: value.chars().take(64).collect(),
+            };
+            let endpoint = value.parse::<SocketAddr>().map_err(|_| bad())?;
+            if endpoint.port() == 0 {
+                return Err(bad());
+            }
+            let address = endpoint.ip().to_canonical();
+            slices.push(SliceDef {
+                service: key.clone(),
+                ipv6: address.is_ipv6(),
+                ports: vec![(port.to_string(), endpoint.port())],
+                endpoints: vec![EndpointDef {
+                    address,
+                    ready: true,
+                    serving_terminating: false,
+                    pod: false,
+                }],
+            });
+        }
+    }
+    Ok((
+        key,
+        ServiceDef {
+            name,
+            cluster_ips,
+            ports,
+        },
+        slices,
+    ))
 }

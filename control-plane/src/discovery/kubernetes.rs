@@ -1,33 +1,85 @@
-//! The `kubernetes` source: a kube-rs watcher on Pods, cluster-wide and
-//! read-only (RBAC: `list` and `watch` on `pods`, nothing more).
+//! The `kubernetes` source: kube-rs watchers on Pods, Services and
+//! EndpointSlices, cluster-wide and read-only (RBAC: `list` and `watch` on
+//! each, nothing more).
 //!
-//! The watcher lists, then watches from the list's resourceVersion; on
+//! Each watcher lists, then watches from the list's resourceVersion; on
 //! `410 Gone` it lists again. A list arrives as `Init`, one `InitApply` per
-//! pod and `InitDone`, and only then replaces the state, so a relist never
-//! shows sidecars a half-empty directory. A watch error is retried with
-//! kube's default backoff while the last state stays in use.
+//! object and `InitDone`, and only then replaces that kind's state, so a
+//! relist never shows sidecars a half-empty directory. Objects are reduced
+//! to what discovery keeps as they arrive (a 10,000-pod list is never held
+//! whole), and the list is paged by kube. Discovery is synced once every
+//! kind has been listed. A watch error is retried with kube's default
+//! backoff while the last state stays in use.
 
-use std::sync::Arc;
+use std::{
+    fmt::Debug,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::{
+    core::v1::{Pod, Service},
+    discovery::v1::EndpointSlice,
+};
 use kube::{
-    Api, Client,
+    Api, Client, Resource,
     runtime::{WatchStreamExt, watcher},
 };
+use palisade_proto::TrustDomain;
+use serde::de::DeserializeOwned;
 use tracing::{debug, info, warn};
 
-use super::state::Discovery;
+use super::{
+    model::{Workload, pod_key},
+    services::{ServiceDef, SliceDef, service_key, slice_key},
+    state::Discovery,
+};
 use crate::metrics::Metrics;
 
-/// Follows every Pod of the cluster into `discovery` until the stream ends
-/// (it does not: errors are retried); `metrics` follow what it knows.
+/// How many kinds are followed; discovery is synced when all are listed.
+const KINDS: usize = 3;
+
+/// A kind of object discovery follows, and what it keeps of one.
+trait Followed: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + 'static {
+    /// The kind's plural, for logs.
+    const WHAT: &'static str;
+    /// What discovery keeps of one object.
+    type Def: Send;
+
+    fn key(&self) -> String;
+    fn def(&self, trust_domain: &TrustDomain) -> Option<Self::Def>;
+    fn replace(discovery: &Discovery, all: Vec<(String, Option<Self::Def>)>);
+    fn put(discovery: &Discovery, key: String, def: Option<Self::Def>);
+}
+
+/// Follows every Pod, Service and EndpointSlice of the cluster into
+/// `discovery` until the streams end (they do not: errors are retried);
+/// `metrics` follow what it knows.
 pub async fn run(client: Client, discovery: Arc<Discovery>, metrics: Metrics) {
-    let pods: Api<Pod> = Api::all(client);
-    let mut events = watcher(pods, watcher::Config::default())
+    let listed = Arc::new(AtomicUsize::new(0));
+    futures::join!(
+        follow::<Pod>(client.clone(), &discovery, &metrics, &listed),
+        follow::<Service>(client.clone(), &discovery, &metrics, &listed),
+        follow::<EndpointSlice>(client, &discovery, &metrics, &listed),
+    );
+}
+
+/// Follows one kind. `listed` counts the kinds listed at least once.
+async fn follow<K: Followed>(
+    client: Client,
+    discovery: &Discovery,
+    metrics: &Metrics,
+    listed: &AtomicUsize,
+) {
+    let api: Api<K> = Api::all(client);
+    let mut events = watcher(api, watcher::Config::default())
         .default_backoff()
         .boxed();
-    let mut listing: Vec<Pod> = Vec::new();
+    let mut listing: Vec<(String, Option<K::Def>)> = Vec::new();
+    let mut first = true;
     loop {
         let event = events.try_next().await;
         let changed = matches!(
@@ -36,38 +88,108 @@ pub async fn run(client: Client, discovery: Arc<Discovery>, metrics: Metrics) {
                 watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_)
             ))
         );
+        let trust_domain = discovery.trust_domain();
         match event {
             Ok(Some(watcher::Event::Init)) => listing.clear(),
-            Ok(Some(watcher::Event::InitApply(pod))) => listing.push(pod),
+            Ok(Some(watcher::Event::InitApply(object))) => {
+                listing.push((object.key(), object.def(trust_domain)));
+            }
             Ok(Some(watcher::Event::InitDone)) => {
-                discovery.replace_pods(&listing);
-                let first = !discovery.is_synced();
-                discovery.mark_synced();
+                let objects = listing.len();
+                K::replace(discovery, std::mem::take(&mut listing));
+                if first {
+                    first = false;
+                    if listed.fetch_add(1, Ordering::AcqRel) + 1 == KINDS {
+                        discovery.mark_synced();
+                    }
+                }
                 info!(
-                    pods = listing.len(),
+                    kind = K::WHAT,
+                    objects,
                     workloads = discovery.workloads(),
-                    first,
-                    "discovery: pods listed"
+                    services = discovery.services(),
+                    synced = discovery.is_synced(),
+                    "discovery: listed"
                 );
-                listing = Vec::new();
             }
-            Ok(Some(watcher::Event::Apply(pod))) => {
-                debug!(pod = ?pod.metadata.name, "discovery: pod changed");
-                discovery.apply_pod(&pod);
+            Ok(Some(watcher::Event::Apply(object))) => {
+                debug!(kind = K::WHAT, name = ?object.meta().name, "discovery: changed");
+                K::put(discovery, object.key(), object.def(trust_domain));
             }
-            Ok(Some(watcher::Event::Delete(pod))) => {
-                debug!(pod = ?pod.metadata.name, "discovery: pod deleted");
-                discovery.delete_pod(&pod);
+            Ok(Some(watcher::Event::Delete(object))) => {
+                debug!(kind = K::WHAT, name = ?object.meta().name, "discovery: deleted");
+                K::put(discovery, object.key(), None);
             }
             Ok(None) => return,
-            Err(error) => warn!(%error, "discovery: watching pods failed; retrying"),
+            Err(error) => warn!(kind = K::WHAT, %error, "discovery: watching failed; retrying"),
         }
         if changed {
-            metrics.discovery_known(
-                discovery.is_synced(),
-                discovery.workloads(),
-                discovery.addresses(),
-            );
+            metrics.discovery_known(discovery);
         }
+    }
+}
+
+// === impl Followed ===
+
+impl Followed for Pod {
+    const WHAT: &'static str = "pods";
+    type Def = Workload;
+
+    fn key(&self) -> String {
+        pod_key(self)
+    }
+
+    fn def(&self, trust_domain: &TrustDomain) -> Option<Workload> {
+        Workload::of(self, trust_domain)
+    }
+
+    fn replace(discovery: &Discovery, all: Vec<(String, Option<Workload>)>) {
+        discovery.replace_workloads(all.into_iter().filter_map(|(k, w)| Some((k, w?))).collect());
+    }
+
+    fn put(discovery: &Discovery, key: String, def: Option<Workload>) {
+        discovery.put_workload(key, def);
+    }
+}
+
+impl Followed for Service {
+    const WHAT: &'static str = "services";
+    type Def = ServiceDef;
+
+    fn key(&self) -> String {
+        service_key(self)
+    }
+
+    fn def(&self, _: &TrustDomain) -> Option<ServiceDef> {
+        ServiceDef::of(self)
+    }
+
+    fn replace(discovery: &Discovery, all: Vec<(String, Option<ServiceDef>)>) {
+        discovery.replace_services(all);
+    }
+
+    fn put(discovery: &Discovery, key: String, def: Option<ServiceDef>) {
+        discovery.put_service(key, def);
+    }
+}
+
+impl Followed for EndpointSlice {
+    const WHAT: &'static str = "endpointslices";
+    type Def = SliceDef;
+
+    fn key(&self) -> String {
+        slice_key(self)
+    }
+
+    fn def(&self, _: &TrustDomain) -> Option<SliceDef> {
+        SliceDef::of(self)
+    }
+
+    fn replace(discovery: &Discovery, all: Vec<(String, Option<SliceDef>)>) {
+        discovery.replace_slices(all);
+    }
+
+    fn put(discovery: &Discovery, key: String, def: Option<SliceDef>) {
+        discovery.put_slice(key, def);
     }
 }

@@ -173,8 +173,10 @@ impl Directory {
         self.put(pod_key(pod), Workload::of(pod, trust_domain))
     }
 
-    /// Replaces what `key` claims with `workload`.
-    fn put(&mut self, key: String, workload: Option<Workload>) -> BTreeSet<IpAddr> {
+    /// Replaces what `key` claims with `workload` (`None`: it claims
+    /// nothing any more). Returns the addresses whose resolution may have
+    /// changed.
+    pub fn put(&mut self, key: String, workload: Option<Workload>) -> BTreeSet<IpAddr> {
         let mut changed = self.forget(&key);
         if let Some(workload) = workload {
             for address in &workload.addresses {

@@ -11,9 +11,13 @@
 //! and the stream ends when the certificate expires, so a caller always
 //! reconnects with the certificate it renewed.
 //!
-//! What is sent: a snapshot of every known address, then each batch of
-//! changes as the sources make it. A stream that falls too far behind the
-//! broadcast gets a fresh snapshot instead of the changes it missed.
+//! What is sent: a snapshot of every known address and Service, then each
+//! batch of changes as the sources make it. The snapshot is shared by every
+//! stream that starts from it and encoded a part at a time (`partial`), so a
+//! stream holds one part encoded, never the whole state: a reconnect storm
+//! of a thousand sidecars costs a thousand parts in flight, not a thousand
+//! copies of the cluster. A stream that falls too far behind the broadcast
+//! gets a fresh snapshot instead of the changes it missed.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -26,7 +30,7 @@ use futures::Stream;
 use palisade_proto::{
     SpiffeId,
     discovery::{
-        Resolution, encode, encode_ip,
+        encode, encode_ip, encode_service,
         v1::{WatchRequest, WatchResponse, discovery_server::Discovery as DiscoveryApi},
     },
 };
@@ -36,7 +40,7 @@ use tokio::sync::broadcast::{Receiver, error::RecvError};
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
-use super::state::{BindError, Changes, Discovery};
+use super::state::{BindError, Changes, Discovery, Snapshot};
 use crate::metrics::{ActiveStream, Metrics, StreamEnd, StreamRefusal};
 
 /// Who is on the other end of a gRPC connection, as its TLS handshake
@@ -57,19 +61,33 @@ pub struct DiscoveryService {
     metrics: Metrics,
 }
 
+/// Addresses per snapshot part.
+const PART_ADDRESSES: usize = 1024;
+
+/// Service endpoints per snapshot part (a part holds at least one Service,
+/// whatever its size).
+const PART_ENDPOINTS: usize = 1024;
+
 /// A stream's state between messages.
 struct Watch {
     discovery: Arc<Discovery>,
     metrics: Metrics,
     changes: Receiver<Changes>,
-    /// The first message still to send.
-    snapshot: Option<Vec<(IpAddr, Resolution)>>,
+    /// The snapshot still to send, and how much of it is sent.
+    snapshot: Option<Sending>,
     address: IpAddr,
     identity: SpiffeId,
     pod: String,
     expires: tokio::time::Instant,
     ended: bool,
     _active: ActiveStream,
+}
+
+/// A snapshot being sent in parts.
+struct Sending {
+    snapshot: Arc<Snapshot>,
+    addresses: usize,
+    services: usize,
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
@@ -180,7 +198,7 @@ impl DiscoveryService {
             discovery: self.discovery.clone(),
             metrics: self.metrics.clone(),
             changes,
-            snapshot: Some(snapshot),
+            snapshot: Some(Sending::new(snapshot)),
             address,
             identity: identity.clone(),
             pod,
@@ -211,12 +229,12 @@ impl Watch {
         if self.ended {
             return None;
         }
-        if let Some(snapshot) = self.snapshot.take() {
-            return Some(Ok(WatchResponse {
-                snapshot: true,
-                addresses: snapshot.iter().map(|(a, r)| encode(*a, r)).collect(),
-                removed: Vec::new(),
-            }));
+        if let Some(sending) = &mut self.snapshot {
+            let part = sending.next_part();
+            if !part.partial {
+                self.snapshot = None;
+            }
+            return Some(Ok(part));
         }
         tokio::select! {
             () = tokio::time::sleep_until(self.expires) => {
@@ -232,7 +250,7 @@ impl Watch {
                     self.metrics.stream_resynced();
                     let (snapshot, changes) = self.discovery.subscribe();
                     self.changes = changes;
-                    self.snapshot = Some(snapshot);
+                    self.snapshot = Some(Sending::new(snapshot));
                     Box::pin(self.next()).await
                 }
                 Err(RecvError::Closed) => {
@@ -246,7 +264,7 @@ impl Watch {
     /// One batch as a message; the stream ends instead when the batch moved
     /// the caller's own address away from its pod.
     fn changed(&mut self, changes: &Changes) -> Result<WatchResponse, Status> {
-        if changes.iter().any(|(a, _)| *a == self.address)
+        if changes.addresses.iter().any(|(a, _)| *a == self.address)
             && let Err(error) = self.discovery.bind(self.address, &self.identity)
         {
             info!(pod = %self.pod, %error, "discovery: the caller's pod is gone; ending its stream");
@@ -254,10 +272,16 @@ impl Watch {
             return Err(Status::permission_denied(error.to_string()));
         }
         let mut message = WatchResponse::default();
-        for (address, resolution) in changes.iter() {
+        for (address, resolution) in &changes.addresses {
             match resolution {
                 Some(r) => message.addresses.push(encode(*address, r)),
                 None => message.removed.push(encode_ip(*address)),
+            }
+        }
+        for (address, service) in &changes.services {
+            match service {
+                Some(s) => message.services.push(encode_service(*address, s)),
+                None => message.removed_services.push(encode_ip(*address)),
             }
         }
         self.metrics.update_sent();
@@ -267,6 +291,50 @@ impl Watch {
     fn end(&mut self, why: StreamEnd) {
         self.ended = true;
         self.metrics.stream_ended(why);
+    }
+}
+
+// === impl Sending ===
+
+impl Sending {
+    fn new(snapshot: Arc<Snapshot>) -> Self {
+        Self {
+            snapshot,
+            addresses: 0,
+            services: 0,
+        }
+    }
+
+    /// The next part: addresses first, then Services; `partial` while more
+    /// remains. An empty state is one empty, final part.
+    fn next_part(&mut self) -> WatchResponse {
+        let mut part = WatchResponse {
+            snapshot: true,
+            ..WatchResponse::default()
+        };
+        let addresses = &self.snapshot.addresses[self.addresses..];
+        if !addresses.is_empty() {
+            let take = addresses.len().min(PART_ADDRESSES);
+            part.addresses = addresses[..take]
+                .iter()
+                .map(|(a, r)| encode(*a, r))
+                .collect();
+            self.addresses += take;
+        } else {
+            let mut endpoints = 0;
+            for (address, service) in &self.snapshot.services[self.services..] {
+                let size: usize = service.ports.iter().map(|p| p.endpoints.len()).sum();
+                if !part.services.is_empty() && endpoints + size > PART_ENDPOINTS {
+                    break;
+                }
+                endpoints += size;
+                part.services.push(encode_service(*address, service));
+                self.services += 1;
+            }
+        }
+        part.partial = self.addresses < self.snapshot.addresses.len()
+            || self.services < self.snapshot.services.len();
+        part
     }
 }
 

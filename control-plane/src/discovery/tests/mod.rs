@@ -330,7 +330,7 @@ fn a_relist_replaces_everything_and_names_what_vanished() {
 
 fn from_file(yaml: &str) -> Result<Directory, super::file::FileError> {
     let mut directory = Directory::default();
-    directory.replace_workloads(super::file::parse(yaml, &td())?);
+    directory.replace_workloads(super::file::parse(yaml, &td())?.workloads);
     Ok(directory)
 }
 
@@ -422,7 +422,7 @@ mod against_the_api_server {
         tokio::time::timeout(WAIT, async {
             loop {
                 let changes = rx.recv().await.expect("the broadcast stays open");
-                if let Some((_, r)) = changes.iter().find(|(a, _)| *a == address) {
+                if let Some((_, r)) = changes.addresses.iter().find(|(a, _)| *a == address) {
                     return r.clone();
                 }
             }
@@ -453,7 +453,7 @@ mod against_the_api_server {
             .expect("synced after the first list");
         let (snapshot, mut rx) = discovery.subscribe();
         assert_eq!(
-            snapshot,
+            snapshot.addresses,
             [
                 (ip("198.18.0.2"), Resolution::Meshed(id(B))),
                 (ip("198.18.0.8"), Resolution::Unmeshed),
@@ -535,7 +535,7 @@ mod against_the_api_server {
             Err(broadcast::error::RecvError::Lagged(_))
         ));
         assert_eq!(
-            discovery.subscribe().0.len(),
+            discovery.subscribe().0.addresses.len(),
             1100,
             "a fresh snapshot has it all"
         );
@@ -715,9 +715,13 @@ mod stream {
                 false,
             ));
         }
+        // It comes in parts, applied together after the last.
         let fresh = next(&mut stream).await.expect("a fresh snapshot");
-        assert!(fresh.snapshot);
-        assert_eq!(fresh.addresses.len(), 1101);
+        assert!(fresh.snapshot && fresh.partial);
+        assert_eq!(fresh.addresses.len(), 1024);
+        let rest = next(&mut stream).await.expect("the rest of it");
+        assert!(rest.snapshot && !rest.partial);
+        assert_eq!(rest.addresses.len(), 1101 - 1024);
         assert_eq!(
             crate::service::tests::counter(&registry, "palisade_discovery_resyncs_total", &[]),
             1.0
@@ -772,3 +776,5 @@ mod stream {
         );
     }
 }
+
+mod services;
