@@ -133,7 +133,7 @@ impl App {
                 proxy.clone(),
                 listener,
                 stop.clone(),
-                |peer| info_span!("outbound", %peer, dst = Empty, identity = Empty),
+                |peer| info_span!("outbound", %peer, dst = Empty, endpoint = Empty, identity = Empty),
                 move |proxy, tcp| outbound::handle(proxy, target.clone(), tcp),
             ));
         }

@@ -99,6 +99,9 @@ pub enum OutboundKind {
     Meshed,
     /// A pod without a sidecar, or a node: plain TCP.
     Unmeshed,
+    /// A Service's cluster address: one of its endpoints, mesh TLS or plain
+    /// TCP by what that endpoint is.
+    Service,
     /// An address discovery does not know: plain TCP.
     Unknown,
     /// Refused before a byte was sent.
@@ -120,6 +123,7 @@ pub struct Metrics {
     bundle_roots: IntGauge,
     decisions: IntCounterVec,
     refusals: IntCounterVec,
+    endpoint_failures: IntCounter,
     stream_connected: IntGauge,
     stream_opens: IntCounterVec,
     snapshot_time: Gauge,
@@ -231,6 +235,10 @@ impl Metrics {
             "Outbound connections refused before a byte was sent, by reason.",
             vec![Label::closed::<Refusal>("reason")],
         )?;
+        let endpoint_failures = f.int_counter(
+            "palisade_outbound_endpoint_failures_total",
+            "Service endpoints that refused or did not answer a connect, each then passed over for 5 s while another is up.",
+        )?;
         let stream_connected = f.int_gauge(
             "palisade_discovery_stream_connected",
             "1 while the discovery stream to the control plane is open and has delivered its snapshot, else 0.",
@@ -292,6 +300,7 @@ impl Metrics {
             bundle_roots,
             decisions,
             refusals,
+            endpoint_failures,
             stream_connected,
             stream_opens,
             snapshot_time,
@@ -391,6 +400,19 @@ impl Metrics {
         self.refusals.with_label_values(&[reason.as_str()]).inc();
     }
 
+    /// Counts a Service endpoint that refused or did not answer a connect.
+    pub fn endpoint_failed(&self) {
+        self.endpoint_failures.inc();
+    }
+
+    /// Counts a Service connection none of whose endpoints answered; its
+    /// decision was counted as `service` already.
+    pub fn endpoints_unreachable(&self) {
+        self.refusals
+            .with_label_values(&[Refusal::EndpointsUnreachable.as_str()])
+            .inc();
+    }
+
     /// Counts an attempt to open the discovery stream.
     pub fn stream_open(&self, result: Outcome) {
         self.stream_opens
@@ -464,7 +486,7 @@ mod tests {
         assert_eq!(Flow::names(), ["request", "response"]);
         assert_eq!(
             OutboundKind::names(),
-            ["meshed", "unmeshed", "unknown", "refused"]
+            ["meshed", "unmeshed", "service", "unknown", "refused"]
         );
         assert_eq!(
             Refusal::names(),
@@ -473,7 +495,10 @@ mod tests {
                 "unidentifiable",
                 "strict_unmeshed",
                 "strict_unknown",
-                "not_synced"
+                "not_synced",
+                "no_endpoints",
+                "no_service_port",
+                "endpoints_unreachable"
             ]
         );
     }

@@ -190,7 +190,12 @@ impl DiscoveryClient {
         };
         let mut delivered = false;
         loop {
-            let message = match stream.message().await {
+            let message = stream.message().await;
+            if !matches!(message, Ok(Some(_))) {
+                // A snapshot cut short by the stream's end is never used.
+                self.destinations.abandon_partial();
+            }
+            let message = match message {
                 Ok(Some(message)) => message,
                 Ok(None) => return (delivered, StreamError::Ended),
                 Err(status) => {
@@ -205,6 +210,9 @@ impl DiscoveryClient {
                 }
             };
             match self.destinations.apply(&message) {
+                Ok(applied) if applied.partial => {
+                    debug!(set = applied.set, "discovery: a part of a snapshot");
+                }
                 Ok(applied) => {
                     let known = self.destinations.len();
                     self.metrics
@@ -212,7 +220,11 @@ impl DiscoveryClient {
                     if applied.snapshot {
                         delivered = true;
                         self.metrics.stream_connected(true);
-                        info!(addresses = known, "discovery: snapshot applied");
+                        info!(
+                            addresses = known,
+                            services = self.destinations.services(),
+                            "discovery: snapshot applied"
+                        );
                     } else {
                         debug!(
                             set = applied.set,
@@ -222,6 +234,7 @@ impl DiscoveryClient {
                     }
                 }
                 Err(error) => {
+                    self.destinations.abandon_partial();
                     self.metrics.discovery_update(Outcome::Failure, false, 0);
                     return (delivered, error.into());
                 }

@@ -13,8 +13,17 @@
 //! other destinations are relayed as they are. Explicit listeners always
 //! require their configured identity. Excluded ports are relayed as they
 //! are in both cases.
+//!
+//! A Service's cluster address is never dialled: the sidecar picks one of
+//! the port's ready endpoints ([`balance`]) and connects to the pod address
+//! itself, with mesh TLS requiring that endpoint's identity, or plain TCP to
+//! an unmeshed one. An endpoint that refuses or does not answer is marked
+//! down and the next is tried, within the one connect budget; nothing of
+//! the app's data has been read by then, so the app sees one connection.
 
 use std::{collections::HashSet, convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::time::Instant;
 
 use ipnet::IpNet;
 use palisade_proto::SpiffeId;
@@ -33,9 +42,12 @@ use super::{
     relay::relay,
 };
 use crate::{
-    discovery::{Decision, Kind, OutboundMode, Refusal as Refused, decide},
+    discovery::{
+        Backend, Decision, InFlight, Kind, OutboundMode, Refusal as Refused, ServiceRoute, balance,
+        decide,
+    },
     metrics::{Direction::Outbound, HandshakeFailure, OutboundKind, Security},
-    tls::spiffe_id,
+    tls::{TlsConfigs, spiffe_id},
 };
 
 /// Where outbound connections go.
@@ -71,12 +83,29 @@ pub struct Routing {
 /// The mesh TLS handshake with a peer, still to drive.
 type Connect = tokio_rustls::Connect<ReadAhead<TcpStream>>;
 
+/// Where one outbound connection goes, once decided.
+enum Upstream {
+    /// Mesh TLS to `dst`; the server must be `expected` (any identity of
+    /// the trust domain when `None`).
+    Mesh {
+        dst: String,
+        expected: Option<SpiffeId>,
+    },
+    /// Plain TCP to `dst`.
+    Plain(String),
+    /// One endpoint of a Service port.
+    Service(ServiceRoute),
+}
+
 /// Handles one accepted outbound connection.
 pub async fn handle(proxy: Arc<Proxy>, target: Arc<OutboundTarget>, tcp: TcpStream) {
-    let (dst, expected, mesh) = match &*target {
+    let upstream = match &*target {
         OutboundTarget::Explicit { upstream, identity } => {
             tracing::Span::current().record("dst", tracing::field::display(upstream));
-            (upstream.clone(), Some(identity.clone()), true)
+            Upstream::Mesh {
+                dst: upstream.clone(),
+                expected: Some(identity.clone()),
+            }
         }
         OutboundTarget::Transparent {
             mesh_networks,
@@ -96,26 +125,80 @@ pub async fn handle(proxy: Arc<Proxy>, target: Arc<OutboundTarget>, tcp: TcpStre
             };
             tracing::Span::current().record("dst", tracing::field::display(&dst));
             if exclude_ports.contains(&dst.port()) {
-                passthrough(&proxy, tcp, &dst.to_string()).await;
-                return;
-            }
-            match discovery {
-                None => (dst.to_string(), None, in_networks(mesh_networks, dst)),
-                Some(routing) => match route(&proxy, routing, mesh_networks, dst).await {
-                    Decision::Mesh(id) => (dst.to_string(), Some(id), true),
-                    Decision::Plain(_) => (dst.to_string(), None, false),
-                    Decision::Refuse(_) => return,
-                },
+                Upstream::Plain(dst.to_string())
+            } else {
+                match discovery {
+                    None if in_networks(mesh_networks, dst) => Upstream::Mesh {
+                        dst: dst.to_string(),
+                        expected: None,
+                    },
+                    None => Upstream::Plain(dst.to_string()),
+                    Some(routing) => match route(&proxy, routing, mesh_networks, dst).await {
+                        Decision::Mesh(id) => Upstream::Mesh {
+                            dst: dst.to_string(),
+                            expected: Some(id),
+                        },
+                        Decision::Service(route) => Upstream::Service(route),
+                        Decision::Plain(_) => Upstream::Plain(dst.to_string()),
+                        Decision::Refuse(_) => return,
+                    },
+                }
             }
         }
     };
 
-    if !mesh {
-        passthrough(&proxy, tcp, &dst).await;
-        return;
+    match upstream {
+        Upstream::Plain(dst) => {
+            let upstream = match connect(&dst, proxy.limits.connect).await {
+                Ok(tcp) => tcp,
+                Err(error) => {
+                    debug!(%error, "cannot connect to a destination outside the mesh");
+                    return;
+                }
+            };
+            passthrough(&proxy, tcp, upstream).await;
+        }
+        Upstream::Mesh { dst, expected } => {
+            let ready = async {
+                let configs = proxy.configs()?;
+                let upstream = connect(&dst, proxy.limits.connect).await.map_err(|error| {
+                    debug!(%error, "cannot connect to the peer");
+                    HandshakeFailure::Connect
+                })?;
+                start_tls(&configs, upstream, expected.as_ref())
+            }
+            .await;
+            mesh(&proxy, tcp, ready).await;
+        }
+        Upstream::Service(route) => {
+            let Some((upstream, backend, _in_flight)) = connect_endpoint(&proxy, &route).await
+            else {
+                proxy.metrics.endpoints_unreachable();
+                warn!(
+                    service = %route.service.name,
+                    "outbound: no endpoint of the Service answered within the connect budget"
+                );
+                return;
+            };
+            tracing::Span::current().record("endpoint", tracing::field::display(backend.address));
+            match &backend.identity {
+                Some(expected) => {
+                    let ready = proxy
+                        .configs()
+                        .map_err(Refusal::from)
+                        .and_then(|configs| start_tls(&configs, upstream, Some(expected)));
+                    mesh(&proxy, tcp, ready).await;
+                }
+                None => passthrough(&proxy, tcp, upstream).await,
+            }
+        }
     }
-    let ready = connect_mesh(&proxy, &dst, expected.as_ref()).await;
-    let Some(Secured::Mesh(tls)) = handshake::run(&proxy, Outbound, ready).await else {
+}
+
+/// Drives the mesh TLS handshake `ready` and relays the app's connection
+/// over it.
+async fn mesh(proxy: &Proxy, tcp: TcpStream, ready: Result<Ready<Infallible, Connect>, Refusal>) {
+    let Some(Secured::Mesh(tls)) = handshake::run(proxy, Outbound, ready).await else {
         return;
     };
     let peer = tls
@@ -142,22 +225,25 @@ async fn route(
     cluster_networks: &[IpNet],
     dst: SocketAddr,
 ) -> Decision {
-    let address = dst.ip().to_canonical();
-    let resolution = match proxy.destinations.resolve(address) {
-        Ok(resolution) => Ok(resolution),
+    let lookup = match proxy.destinations.lookup(dst) {
+        Ok(lookup) => Ok(lookup),
         Err(_) if proxy.destinations.wait_synced(routing.wait).await => {
-            proxy.destinations.resolve(address)
+            proxy.destinations.lookup(dst)
         }
         Err(not_synced) => Err(not_synced),
     };
-    let decision = match resolution {
-        Ok(resolution) => decide(resolution.as_ref(), address, routing.mode, cluster_networks),
+    let decision = match lookup {
+        Ok(lookup) => decide(lookup, dst, routing.mode, cluster_networks),
         Err(_) => Decision::Refuse(Refused::NotSynced),
     };
     match &decision {
         Decision::Mesh(id) => {
             proxy.metrics.outbound_decision(OutboundKind::Meshed);
             debug!(expected = %id, "outbound: a meshed workload");
+        }
+        Decision::Service(route) => {
+            proxy.metrics.outbound_decision(OutboundKind::Service);
+            debug!(service = %route.service.name, "outbound: a Service");
         }
         Decision::Plain(Kind::Unmeshed) => proxy.metrics.outbound_decision(OutboundKind::Unmeshed),
         Decision::Plain(Kind::Unknown) => proxy.metrics.outbound_decision(OutboundKind::Unknown),
@@ -169,18 +255,49 @@ async fn route(
     decision
 }
 
-/// Connects to a mesh peer and prepares the TLS handshake that must find
-/// `expected` there (any identity of the trust domain when `None`).
-async fn connect_mesh(
+/// Connects to one endpoint of `route` within the connect budget: chosen
+/// by [`balance::pick`]; one that refuses or does not answer is marked down
+/// (counted) and the next is tried. Each attempt may take half the budget
+/// left, the last one all of it, so one silent endpoint cannot use up the
+/// budget alone. Returns the connection, the endpoint, and its count.
+async fn connect_endpoint<'r>(
     proxy: &Proxy,
-    dst: &str,
+    route: &'r ServiceRoute,
+) -> Option<(TcpStream, &'r Backend, InFlight)> {
+    let (backends, mut tried) = route.backends();
+    let deadline = Instant::now() + proxy.limits.connect;
+    loop {
+        let now = Instant::now();
+        let left = deadline.saturating_duration_since(now);
+        if left.is_zero() {
+            return None;
+        }
+        let index = balance::pick(backends, &tried, now, &mut rand::rng())?;
+        tried[index] = true;
+        let backend = &backends[index];
+        let last = tried.iter().all(|t| *t);
+        let budget = if last { left } else { left / 2 };
+        // Counted from the attempt on: a connection waiting for its connect
+        // is load the next pick should see.
+        let in_flight = backend.load.start();
+        match connect(&backend.address.to_string(), budget).await {
+            Ok(tcp) => return Some((tcp, backend, in_flight)),
+            Err(error) => {
+                backend.load.mark_down(Instant::now());
+                proxy.metrics.endpoint_failed();
+                debug!(endpoint = %backend.address, %error, "outbound: an endpoint did not answer; trying the next");
+            }
+        }
+    }
+}
+
+/// Prepares the mesh TLS handshake over `upstream` that must find
+/// `expected` there (any identity of the trust domain when `None`).
+fn start_tls(
+    configs: &TlsConfigs,
+    upstream: TcpStream,
     expected: Option<&SpiffeId>,
 ) -> Result<Ready<Infallible, Connect>, Refusal> {
-    let configs = proxy.configs()?;
-    let upstream = connect(dst, proxy.limits.connect).await.map_err(|error| {
-        debug!(%error, "cannot connect to the peer");
-        HandshakeFailure::Connect
-    })?;
     let peer_ip = upstream.peer_addr().map_err(|_| Refusal::uncounted())?.ip();
     let connector = TlsConnector::from(configs.client(expected));
     Ok(Ready::Tls(connector.connect(
@@ -189,15 +306,9 @@ async fn connect_mesh(
     )))
 }
 
-/// Relays a connection to a destination outside the mesh as it is.
-async fn passthrough(proxy: &Proxy, tcp: TcpStream, dst: &str) {
-    let upstream = match connect(dst, proxy.limits.connect).await {
-        Ok(tcp) => tcp,
-        Err(error) => {
-            debug!(%error, "cannot connect to a destination outside the mesh");
-            return;
-        }
-    };
+/// Relays a connection to a destination outside the mesh (or an unmeshed
+/// endpoint) as it is.
+async fn passthrough(proxy: &Proxy, tcp: TcpStream, upstream: TcpStream) {
     let _active = proxy.metrics.opened(Outbound, Security::Plaintext, "");
     if let Err(error) = relay(
         tcp,

@@ -8,6 +8,12 @@ use palisade_proto::{
 
 use super::*;
 
+mod services;
+
+fn resolve(destinations: &Destinations, address: &str) -> Result<Option<Resolution>, NotSynced> {
+    destinations.resolve(ip(address))
+}
+
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("address")
 }
@@ -75,8 +81,9 @@ fn every_row_of_the_outbound_decision() {
         (None, outside, Strict, Decision::Plain(Kind::Unknown)),
     ];
     for (resolution, address, mode, want) in rows {
+        let lookup = resolution.map_or(Lookup::Unknown, |r| Lookup::Address(r.clone()));
         assert_eq!(
-            decide(resolution, address, mode, &networks()),
+            decide(lookup, SocketAddr::new(address, 80), mode, &networks()),
             want,
             "{resolution:?} at {address} in {mode:?}"
         );
@@ -88,13 +95,14 @@ fn message(snapshot: bool, set: &[(&str, Resolution)], removed: &[&str]) -> Watc
         snapshot,
         addresses: set.iter().map(|(a, r)| encode(ip(a), r)).collect(),
         removed: removed.iter().map(|a| encode_ip(ip(a))).collect(),
+        ..WatchResponse::default()
     }
 }
 
 #[test]
 fn the_expected_identity_follows_the_address() {
     let destinations = Destinations::default();
-    assert_eq!(destinations.resolve(ip("198.18.0.2")), Err(NotSynced));
+    assert_eq!(resolve(&destinations, "198.18.0.2"), Err(NotSynced));
     assert!(destinations.is_empty());
     assert_eq!(destinations.len(), 0);
     assert_eq!(
@@ -113,10 +121,10 @@ fn the_expected_identity_follows_the_address() {
         ))
         .expect("snapshot");
     assert_eq!(
-        destinations.resolve(ip("198.18.0.2")),
+        resolve(&destinations, "198.18.0.2"),
         Ok(Some(Resolution::Meshed(id(B))))
     );
-    assert_eq!(destinations.resolve(ip("198.18.0.9")), Ok(None));
+    assert_eq!(resolve(&destinations, "198.18.0.9"), Ok(None));
     assert_eq!(destinations.len(), 2);
     assert!(!destinations.is_empty());
 
@@ -129,7 +137,7 @@ fn the_expected_identity_follows_the_address() {
         ))
         .expect("change");
     assert_eq!(
-        destinations.resolve(ip("198.18.0.2")),
+        resolve(&destinations, "198.18.0.2"),
         Ok(Some(Resolution::Conflict))
     );
     let m = id("spiffe://cluster.local/ns/evil/sa/m");
@@ -141,10 +149,10 @@ fn the_expected_identity_follows_the_address() {
         ))
         .expect("change");
     assert_eq!(
-        destinations.resolve(ip("198.18.0.2")),
+        resolve(&destinations, "198.18.0.2"),
         Ok(Some(Resolution::Meshed(m)))
     );
-    assert_eq!(destinations.resolve(ip("198.18.0.8")), Ok(None));
+    assert_eq!(resolve(&destinations, "198.18.0.8"), Ok(None));
 
     // A new snapshot replaces everything.
     let applied = destinations
@@ -155,10 +163,11 @@ fn the_expected_identity_follows_the_address() {
         Applied {
             snapshot: true,
             set: 1,
-            removed: 0
+            removed: 0,
+            partial: false,
         }
     );
-    assert_eq!(destinations.resolve(ip("198.18.0.2")), Ok(None));
+    assert_eq!(resolve(&destinations, "198.18.0.2"), Ok(None));
     assert_eq!(destinations.len(), 1);
 }
 
@@ -189,7 +198,7 @@ fn a_message_that_does_not_decode_changes_nothing() {
     bad_snapshot.addresses[0].answer = None;
     assert!(destinations.apply(&bad_snapshot).is_err());
     assert_eq!(
-        destinations.resolve(ip("198.18.0.2")),
+        resolve(&destinations, "198.18.0.2"),
         Ok(Some(Resolution::Meshed(id(B)))),
         "the state before the bad messages stays"
     );
