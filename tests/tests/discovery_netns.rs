@@ -6,8 +6,14 @@
 //!  netns node: bridge br0 198.18.0.254 ── cp    198.18.0.200  control plane (--discovery-source file)
 //!                                      ├── pod a 198.18.0.1    app client, sidecar (discovery), init rules
 //!                                      ├── pod b 198.18.0.2    app :8080, sidecar (discovery), init rules
-//!                                      └── h     198.18.0.3    app :8080, no sidecar: a plain host
+//!                                      ├── h     198.18.0.3    app :8080, no sidecar: a plain host
+//!                                      └── c     198.18.0.4    app :8080, sidecar (Services test only)
 //! ```
+//!
+//! The Services test adds cluster addresses in 198.19.0.0/24 that no host
+//! has and nothing rewrites (no kube-proxy): a's only route there is a
+//! default route to the node, which forwards nothing. A connection to one
+//! works only because a's sidecar dials an endpoint itself.
 //!
 //! All of them share 198.18.0.0/24, which is also every sidecar's
 //! `--mesh-networks`: without discovery a sidecar would take h for a mesh
@@ -41,11 +47,18 @@ const A_ID: &str = "spiffe://cluster.local/ns/shop/sa/a";
 const B_ID: &str = "spiffe://cluster.local/ns/shop/sa/b";
 const M_ID: &str = "spiffe://cluster.local/ns/evil/sa/m";
 const N_ID: &str = "spiffe://cluster.local/ns/shop/sa/n";
+const C_ID: &str = "spiffe://cluster.local/ns/shop/sa/c";
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
 const CP_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 200);
 const A_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const B_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const H_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+const C_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 4);
+/// The Service shop/web: b and c behind it.
+const WEB_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+/// The Service web/legacy: h (no sidecar) behind it.
+const LEGACY_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 11);
+const SERVICE_PORT: u16 = 80;
 const MESH_NETWORKS: &str = "198.18.0.0/24";
 const APP_PORT: u16 = 8080;
 const WAIT: Duration = Duration::from_secs(15);
@@ -234,6 +247,145 @@ fn strict_outbound_mode_refuses_plain_tcp_to_the_pod_network() {
     );
 }
 
+#[test]
+fn a_service_address_nobody_has_reaches_each_endpoint_verified_as_its_own_identity() {
+    let mut mesh = Mesh::start();
+    mesh.add_pod("c", C_IP, C_ID);
+    // As in a pod: a default route, here to the node, which has no route
+    // to the cluster addresses and forwards nothing.
+    mesh.a()
+        .ip(&["route", "add", "default", "via", &NODE_IP.to_string()]);
+    let services = format!(
+        "services:\n\
+         \x20 - name: shop/web\n    addresses: [{WEB_IP}]\n    ports:\n\
+         \x20     - port: {SERVICE_PORT}\n        endpoints: [\"{B_IP}:{APP_PORT}\", \"{C_IP}:{APP_PORT}\"]\n\
+         \x20 - name: web/legacy\n    addresses: [{LEGACY_IP}]\n    ports:\n\
+         \x20     - port: {SERVICE_PORT}\n        endpoints: [\"{H_IP}:{APP_PORT}\"]\n"
+    );
+    let pods = [("shop/b", B_IP, Some(B_ID)), ("shop/c", C_IP, Some(C_ID))];
+    mesh.write_discovery_with(&pods, &services);
+    eventually(WAIT, "a's sidecar to know the Service", || {
+        send(mesh.a(), WEB_IP, SERVICE_PORT, "hello")
+            .ok()
+            .filter(|r| !r.is_empty())
+    });
+
+    // Both endpoints serve, each through its own sidecar, and nothing is
+    // ever sent to the cluster address.
+    let capture = mesh
+        .lan
+        .capture("service", &format!("host {WEB_IP} or host {LEGACY_IP}"));
+    let mut answered = Vec::new();
+    for n in 0..16 {
+        let line = secret(&format!("web-{n}"));
+        let reply = send(mesh.a(), WEB_IP, SERVICE_PORT, &line).expect("a reaches the Service");
+        let from = if reply == App::reply("b", &line, B_IP, APP_PORT) {
+            "b"
+        } else if reply == App::reply("c", &line, C_IP, APP_PORT) {
+            "c"
+        } else {
+            panic!("an answer from neither endpoint, or not through its sidecar: {reply:?}");
+        };
+        answered.push(from);
+    }
+    assert!(
+        answered.contains(&"b") && answered.contains(&"c"),
+        "both endpoints serve: {answered:?}"
+    );
+    let text = mesh.metrics("a");
+    let opened = |identity: &str| {
+        metric(
+            &text,
+            "palisade_connections_opened_total",
+            &[
+                ("direction", "outbound"),
+                ("security", "mtls"),
+                ("peer_identity", identity),
+            ],
+        )
+    };
+    let to_b = answered.iter().filter(|h| **h == "b").count();
+    assert!(
+        opened(B_ID) >= to_b as f64 && opened(C_ID) >= (answered.len() - to_b) as f64,
+        "each connection verified as its endpoint's own identity"
+    );
+    assert!(
+        metric(
+            &text,
+            "palisade_outbound_decisions_total",
+            &[("kind", "service")]
+        ) >= 16.0
+    );
+
+    // The unmeshed endpoint gets plain TCP.
+    let line = secret("legacy");
+    assert_eq!(
+        send(mesh.a(), LEGACY_IP, SERVICE_PORT, &line),
+        Ok(App::reply("h", &line, A_IP, APP_PORT)),
+        "plain TCP to h, from a's address"
+    );
+    let pcap = capture.stop();
+    for cluster_ip in [WEB_IP, LEGACY_IP] {
+        assert!(
+            !pcap.contains(&cluster_ip.octets()),
+            "a packet was sent to the cluster address {cluster_ip}"
+        );
+    }
+    assert!(
+        metric(
+            &mesh.metrics("a"),
+            "palisade_connections_opened_total",
+            &[("direction", "outbound"), ("security", "plaintext")]
+        ) >= 1.0
+    );
+
+    // c's sidecar dies (its pod is going away): connections still succeed,
+    // on b, before discovery says so ...
+    mesh.sidecars.retain(|(host, _)| host != "c");
+    for n in 0..8 {
+        let line = secret(&format!("c-down-{n}"));
+        assert_eq!(
+            send(mesh.a(), WEB_IP, SERVICE_PORT, &line),
+            Ok(App::reply("b", &line, B_IP, APP_PORT)),
+            "the refusing endpoint is skipped for the next"
+        );
+    }
+    let failures = metric(
+        &mesh.metrics("a"),
+        "palisade_outbound_endpoint_failures_total",
+        &[],
+    );
+    assert!(
+        (1.0..=2.0).contains(&failures),
+        "c is tried, marked down and passed over: {failures} failures"
+    );
+
+    // ... and once discovery has removed it, no connection fails.
+    let updates = |mesh: &Mesh| {
+        metric(
+            &mesh.metrics("a"),
+            "palisade_discovery_updates_total",
+            &[("result", "success")],
+        )
+    };
+    let before = updates(&mesh);
+    mesh.write_discovery_with(
+        &[("shop/b", B_IP, Some(B_ID))],
+        &services.replace(&format!(", \"{C_IP}:{APP_PORT}\""), ""),
+    );
+    eventually(WAIT, "a's sidecar to apply the update", || {
+        (updates(&mesh) > before).then_some(())
+    });
+    for n in 0..16 {
+        let line = secret(&format!("after-{n}"));
+        assert_eq!(
+            send(mesh.a(), WEB_IP, SERVICE_PORT, &line),
+            Ok(App::reply("b", &line, B_IP, APP_PORT)),
+            "connection {n} after the update"
+        );
+    }
+}
+
 // === the mesh every step starts from ===
 
 /// The control plane, pods a and b with sidecars following discovery, and
@@ -296,6 +448,7 @@ impl Mesh {
                 (&token(B_ID), B_ID),
                 (&token(M_ID), M_ID),
                 (&token(N_ID), N_ID),
+                (&token(C_ID), C_ID),
             ],
         )
         .expect("tokens");
@@ -307,6 +460,7 @@ impl Mesh {
                 ("shop/b", B_IP, Some(B_ID)),
                 ("web/h", H_IP, None),
             ],
+            "",
         );
         let grpc = format!("{CP_IP}:15012");
         let log = lan.log("control-plane");
@@ -438,6 +592,17 @@ impl Mesh {
         });
     }
 
+    /// Adds pod `name` at `address`: capture rules, its app, and a sidecar of
+    /// `identity` (a server: it does not follow discovery).
+    fn add_pod(&mut self, name: &str, address: Ipv4Addr, identity: &str) {
+        self.lan.add_host(name, address);
+        self.lan
+            .host(name)
+            .exec(&self.sidecar_bin, &["init", "--ipv6=false"]);
+        self.start_app(name, name);
+        self.start_sidecar(name, name, identity, false, &[]);
+    }
+
     /// Takes pod b's host away and puts host `name` (with a sidecar of
     /// `identity`, not following discovery) at b's address.
     fn replace_b_with(&mut self, name: &str, identity: &str) {
@@ -482,9 +647,14 @@ impl Mesh {
     /// Rewrites the discovery file with a and h as at the start, and
     /// `workloads`.
     fn write_discovery(&self, workloads: &[(&str, Ipv4Addr, Option<&str>)]) {
+        self.write_discovery_with(workloads, "");
+    }
+
+    /// [`Self::write_discovery`], and `services` (the file's `services:`).
+    fn write_discovery_with(&self, workloads: &[(&str, Ipv4Addr, Option<&str>)], services: &str) {
         let mut all = vec![("shop/a", A_IP, Some(A_ID)), ("web/h", H_IP, None)];
         all.extend_from_slice(workloads);
-        write_discovery(&self.discovery, &all);
+        write_discovery(&self.discovery, &all, services);
     }
 }
 
@@ -502,7 +672,7 @@ fn token(identity: &str) -> String {
 }
 
 /// Replaces the discovery file in one rename, as a ConfigMap update would.
-fn write_discovery(path: &Path, workloads: &[(&str, Ipv4Addr, Option<&str>)]) {
+fn write_discovery(path: &Path, workloads: &[(&str, Ipv4Addr, Option<&str>)], services: &str) {
     let mut text = String::from("workloads:\n");
     for (name, address, identity) in workloads {
         text.push_str(&format!("  - name: {name}\n    addresses: [{address}]\n"));
@@ -511,6 +681,7 @@ fn write_discovery(path: &Path, workloads: &[(&str, Ipv4Addr, Option<&str>)]) {
             None => text.push_str("    unmeshed: true\n"),
         }
     }
+    text.push_str(services);
     let next = path.with_extension("next");
     fs::write(&next, text).expect("write the discovery file");
     fs::rename(&next, path).expect("replace the discovery file");
