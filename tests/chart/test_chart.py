@@ -420,6 +420,10 @@ EXPECTED_RBAC = {
 DISCOVERY_RBAC = {
     ("", "pods", "list", None),
     ("", "pods", "watch", None),
+    ("", "services", "list", None),
+    ("", "services", "watch", None),
+    ("discovery.k8s.io", "endpointslices", "list", None),
+    ("discovery.k8s.io", "endpointslices", "watch", None),
 }
 
 
@@ -455,14 +459,15 @@ def test_rbac_is_exactly_what_the_control_plane_calls(scenario: str) -> None:
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_rbac_on_pods_is_list_and_watch_only_with_discovery(scenario: str) -> None:
-    """Discovery reads Pods cluster-wide and nothing more; without it, no access to pods at all."""
+    """Discovery reads Pods, Services and EndpointSlices cluster-wide and nothing more; without it, none of them."""
     grants = rbac_grants(one(docs_of(scenario), "ClusterRole"))
     # Subresources too (pods/log, pods/exec): nothing that starts with "pods".
-    on_pods = {g for g in grants if g[1].split("/")[0] == "pods"}
+    watched = ("pods", "services", "endpointslices")
+    on_them = {g for g in grants if g[1].split("/")[0] in watched}
     if discovery_enabled(scenario):
-        assert on_pods == DISCOVERY_RBAC
+        assert on_them == DISCOVERY_RBAC
     else:
-        assert on_pods == set()
+        assert on_them == set()
 
 
 def test_rbac_follows_the_names() -> None:
