@@ -108,6 +108,13 @@ pub enum OutboundKind {
     Refused,
 }
 
+/// How much the destination table holds, for `palisade_discovery_*_known`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Known {
+    pub addresses: usize,
+    pub services: usize,
+}
+
 /// All sidecar metrics.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -128,6 +135,7 @@ pub struct Metrics {
     stream_opens: IntCounterVec,
     snapshot_time: Gauge,
     addresses_known: IntGauge,
+    services_known: IntGauge,
     updates: IntCounterVec,
 }
 
@@ -256,6 +264,10 @@ impl Metrics {
             "palisade_discovery_addresses_known",
             "Addresses discovery has told this sidecar about (workloads known).",
         )?;
+        let services_known = f.int_gauge(
+            "palisade_discovery_services_known",
+            "Service cluster addresses discovery has told this sidecar about.",
+        )?;
         let updates = f.counter_vec(
             "palisade_discovery_updates_total",
             "Discovery messages (snapshots and changes), by result: applied, or refused whole.",
@@ -305,6 +317,7 @@ impl Metrics {
             stream_opens,
             snapshot_time,
             addresses_known,
+            services_known,
             updates,
         };
         Ok((metrics, f.into_described()))
@@ -427,11 +440,12 @@ impl Metrics {
 
     /// Counts a discovery message; `known` is the address count after it,
     /// and `snapshot` whether it was one (applied at `now`).
-    pub fn discovery_update(&self, result: Outcome, snapshot: bool, known: usize) {
+    pub fn discovery_update(&self, result: Outcome, snapshot: bool, known: Known) {
         self.updates.with_label_values(&[result.as_str()]).inc();
         if result == Outcome::Success {
-            self.addresses_known
-                .set(i64::try_from(known).unwrap_or(i64::MAX));
+            let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+            self.addresses_known.set(count(known.addresses));
+            self.services_known.set(count(known.services));
             if snapshot {
                 let now = SystemTime::now()
                     .duration_since(SystemTime::UNIX_EPOCH)

@@ -35,7 +35,7 @@ use tracing::{debug, info, warn};
 use super::{ApplyError, Destinations};
 use crate::{
     identity::refresh::Schedule,
-    metrics::Metrics,
+    metrics::{Known, Metrics},
     tls::{CertStore, TlsConfigs, store::Fixed},
 };
 
@@ -214,15 +214,18 @@ impl DiscoveryClient {
                     debug!(set = applied.set, "discovery: a part of a snapshot");
                 }
                 Ok(applied) => {
-                    let known = self.destinations.len();
+                    let known = Known {
+                        addresses: self.destinations.len(),
+                        services: self.destinations.services(),
+                    };
                     self.metrics
                         .discovery_update(Outcome::Success, applied.snapshot, known);
                     if applied.snapshot {
                         delivered = true;
                         self.metrics.stream_connected(true);
                         info!(
-                            addresses = known,
-                            services = self.destinations.services(),
+                            addresses = known.addresses,
+                            services = known.services,
                             "discovery: snapshot applied"
                         );
                     } else {
@@ -235,7 +238,8 @@ impl DiscoveryClient {
                 }
                 Err(error) => {
                     self.destinations.abandon_partial();
-                    self.metrics.discovery_update(Outcome::Failure, false, 0);
+                    self.metrics
+                        .discovery_update(Outcome::Failure, false, Known::default());
                     return (delivered, error.into());
                 }
             }

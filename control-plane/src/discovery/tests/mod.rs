@@ -775,6 +775,94 @@ mod stream {
             0.0
         );
     }
+
+    #[tokio::test]
+    async fn services_follow_the_addresses_in_the_snapshot_and_travel_whole_in_changes() {
+        use palisade_proto::discovery::decode_service;
+
+        use crate::discovery::{EndpointDef, PortDef, ServiceDef, SliceDef};
+
+        let discovery = cluster();
+        // 1,500 Services with one endpoint each (b): more than one part.
+        let service_ip = |n: u32| ip(&format!("198.19.{}.{}", n / 250, 1 + n % 250));
+        let define = |n: u32, endpoints: Vec<EndpointDef>| {
+            let key = format!("shop/s{n}");
+            discovery.put_service(
+                key.clone(),
+                Some(ServiceDef {
+                    name: key.clone(),
+                    cluster_ips: vec![service_ip(n)],
+                    ports: vec![PortDef {
+                        name: "http".into(),
+                        port: 80,
+                    }],
+                }),
+            );
+            discovery.put_slice(
+                format!("slice-{n}"),
+                Some(SliceDef {
+                    service: key,
+                    ipv6: false,
+                    ports: vec![("http".into(), 8080)],
+                    endpoints,
+                }),
+            );
+        };
+        let b = || EndpointDef {
+            address: ip("198.18.0.2"),
+            ready: true,
+            serving_terminating: false,
+            pod: true,
+        };
+        for n in 0..1500 {
+            define(n, vec![b()]);
+        }
+        let (service, _registry) = service(&discovery);
+        let mut stream = open(&service, request("198.18.0.1", Some(A), HOUR))
+            .await
+            .expect("bound");
+        let mut parts = Vec::new();
+        loop {
+            let part = next(&mut stream).await.expect("a part");
+            assert!(part.snapshot);
+            let last = !part.partial;
+            parts.push(part);
+            if last {
+                break;
+            }
+        }
+        // The addresses come first, then the Services, about 1,024
+        // endpoints a part.
+        assert_eq!(parts[0].addresses.len(), 2);
+        assert!(parts[0].services.is_empty());
+        let counts: Vec<usize> = parts[1..].iter().map(|p| p.services.len()).collect();
+        assert_eq!(counts, [1024, 476]);
+        let first = decode_service(&parts[1].services[0]).expect("valid");
+        assert_eq!(first.0, service_ip(0));
+        assert_eq!(
+            first.1.ports[0].endpoints[0].identity.as_ref(),
+            Some(&id(B))
+        );
+
+        // b goes: every Service behind it changes in the same message as
+        // b's address.
+        discovery.delete_pod(&pod("ub", "shop", "b-1", "b", "198.18.0.2", true));
+        let change = next(&mut stream).await.expect("a change");
+        assert_eq!(change.removed, [vec![198, 18, 0, 2]]);
+        assert_eq!(change.services.len(), 1500);
+        assert!(change.services.iter().all(|s| {
+            decode_service(s).expect("valid").1.ports[0]
+                .endpoints
+                .is_empty()
+        }));
+        // A Service removed is named in removed_services.
+        discovery.put_service("shop/s7".into(), None);
+        let change = next(&mut stream).await.expect("a change");
+        assert_eq!(
+            change.removed_services,
+            [palisade_proto::discovery::encode_ip(service_ip(7))]
+        );
+    }
 }
 
 mod services;
