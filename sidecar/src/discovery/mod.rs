@@ -255,10 +255,15 @@ pub struct Destinations {
 }
 
 /// Everything discovery has said, at one moment.
+///
+/// Persistent maps: a change copies the few nodes it touches and shares the
+/// rest with the table in use, so applying one change to a 10,000-pod table
+/// costs microseconds rather than a copy of the table, and the old and the
+/// new table together take little more memory than one.
 #[derive(Clone, Debug, Default)]
 struct Known {
-    addresses: HashMap<IpAddr, Resolution>,
-    services: HashMap<IpAddr, Arc<ServiceTarget>>,
+    addresses: imbl::HashMap<IpAddr, Resolution>,
+    services: imbl::HashMap<IpAddr, Arc<ServiceTarget>>,
 }
 
 /// What one stream message changed.
@@ -328,7 +333,7 @@ impl Destinations {
                 *pending = None;
                 return Err(ApplyError::UnfinishedSnapshot);
             }
-            (*current.clone().ok_or(ApplyError::BeforeSnapshot)?).clone()
+            Known::clone(current.as_ref().ok_or(ApplyError::BeforeSnapshot)?)
         };
         for address in &removed {
             next.addresses.remove(address);
