@@ -99,54 +99,9 @@ enum Upstream {
 
 /// Handles one accepted outbound connection.
 pub async fn handle(proxy: Arc<Proxy>, target: Arc<OutboundTarget>, tcp: TcpStream) {
-    let upstream = match &*target {
-        OutboundTarget::Explicit { upstream, identity } => {
-            tracing::Span::current().record("dst", tracing::field::display(upstream));
-            Upstream::Mesh {
-                dst: upstream.clone(),
-                expected: Some(identity.clone()),
-            }
-        }
-        OutboundTarget::Transparent {
-            mesh_networks,
-            exclude_ports,
-            discovery,
-        } => {
-            let dst = match original_dst(&tcp) {
-                Ok(dst) if Some(dst) != tcp.local_addr().ok() => dst,
-                Ok(_) => {
-                    debug!("a direct connection to the outbound port (not redirected): closing");
-                    return;
-                }
-                Err(error) => {
-                    debug!(%error, "no original destination: closing");
-                    return;
-                }
-            };
-            tracing::Span::current().record("dst", tracing::field::display(&dst));
-            if exclude_ports.contains(&dst.port()) {
-                Upstream::Plain(dst.to_string())
-            } else {
-                match discovery {
-                    None if in_networks(mesh_networks, dst) => Upstream::Mesh {
-                        dst: dst.to_string(),
-                        expected: None,
-                    },
-                    None => Upstream::Plain(dst.to_string()),
-                    Some(routing) => match route(&proxy, routing, mesh_networks, dst).await {
-                        Decision::Mesh(id) => Upstream::Mesh {
-                            dst: dst.to_string(),
-                            expected: Some(id),
-                        },
-                        Decision::Service(route) => Upstream::Service(route),
-                        Decision::Plain(_) => Upstream::Plain(dst.to_string()),
-                        Decision::Refuse(_) => return,
-                    },
-                }
-            }
-        }
+    let Some(upstream) = upstream(&proxy, &target, &tcp).await else {
+        return;
     };
-
     match upstream {
         Upstream::Plain(dst) => {
             let upstream = match connect(&dst, proxy.limits.connect).await {
@@ -193,6 +148,59 @@ pub async fn handle(proxy: Arc<Proxy>, target: Arc<OutboundTarget>, tcp: TcpStre
             }
         }
     }
+}
+
+/// Where `tcp` goes: the explicit listener's upstream, or what the
+/// original destination and discovery decide; `None` when it is closed
+/// (not redirected, or refused, counted in [`route`]).
+async fn upstream(proxy: &Proxy, target: &OutboundTarget, tcp: &TcpStream) -> Option<Upstream> {
+    Some(match target {
+        OutboundTarget::Explicit { upstream, identity } => {
+            tracing::Span::current().record("dst", tracing::field::display(upstream));
+            Upstream::Mesh {
+                dst: upstream.clone(),
+                expected: Some(identity.clone()),
+            }
+        }
+        OutboundTarget::Transparent {
+            mesh_networks,
+            exclude_ports,
+            discovery,
+        } => {
+            let dst = match original_dst(tcp) {
+                Ok(dst) if Some(dst) != tcp.local_addr().ok() => dst,
+                Ok(_) => {
+                    debug!("a direct connection to the outbound port (not redirected): closing");
+                    return None;
+                }
+                Err(error) => {
+                    debug!(%error, "no original destination: closing");
+                    return None;
+                }
+            };
+            tracing::Span::current().record("dst", tracing::field::display(&dst));
+            if exclude_ports.contains(&dst.port()) {
+                Upstream::Plain(dst.to_string())
+            } else {
+                match discovery {
+                    None if in_networks(mesh_networks, dst) => Upstream::Mesh {
+                        dst: dst.to_string(),
+                        expected: None,
+                    },
+                    None => Upstream::Plain(dst.to_string()),
+                    Some(routing) => match route(proxy, routing, mesh_networks, dst).await {
+                        Decision::Mesh(id) => Upstream::Mesh {
+                            dst: dst.to_string(),
+                            expected: Some(id),
+                        },
+                        Decision::Service(route) => Upstream::Service(route),
+                        Decision::Plain(_) => Upstream::Plain(dst.to_string()),
+                        Decision::Refuse(_) => return None,
+                    },
+                }
+            }
+        }
+    })
 }
 
 /// Drives the mesh TLS handshake `ready` and relays the app's connection
