@@ -15,7 +15,7 @@ use palisade_proto::{
     },
 };
 use palisade_sidecar::{
-    discovery::{Destinations, DiscoveryClient, StreamConfig},
+    discovery::{Destinations, DiscoveryClient, Lookup, StreamConfig},
     identity::{IdentityClient, IdentityClientConfig, refresh::Schedule},
     metrics::Metrics,
     tls::{CertStore, Material},
@@ -133,7 +133,7 @@ fn encode(registry: &prometheus::Registry) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streams_are_authenticated_bound_to_their_pod_and_follow_every_pod_event() {
+async fn streams_are_authenticated_bound_to_their_pod_and_follow_every_pod_and_service_event() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
 
@@ -349,6 +349,66 @@ async fn streams_are_authenticated_bound_to_their_pod_and_follow_every_pod_event
         (seen(&destinations, "127.0.0.5") == Some(Resolution::Meshed(id(C)))).then_some(())
     })
     .await;
+
+    // A Service with a and c behind it: the sidecar learns the endpoints,
+    // each with the identity of the pod at its address. The slice names
+    // another identity by hand; it is ignored.
+    api.upsert(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"namespace": "shop", "name": "web"},
+        "spec": {"clusterIP": "198.19.0.10", "clusterIPs": ["198.19.0.10"],
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+    }))
+    .expect("service");
+    api.upsert(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"namespace": "shop", "name": "web-1",
+                     "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080}],
+        "endpoints": [
+            {"addresses": ["127.0.0.1"], "targetRef": {"kind": "Pod", "name": "a"}},
+            {"addresses": ["127.0.0.5"], "targetRef": {"kind": "Pod", "name": "b"},
+             "hostname": "spiffe://cluster.local/ns/shop/sa/b"},
+        ],
+    }))
+    .expect("slice");
+    let web: std::net::SocketAddr = "198.19.0.10:80".parse().expect("address");
+    let endpoints = eventually_async(WAIT, "the Service's endpoints", || async {
+        match destinations.lookup(web).ok()? {
+            Lookup::Service(service) if service.ports[0].backends.len() == 2 => Some(
+                service.ports[0]
+                    .backends
+                    .iter()
+                    .map(|b| (b.address.to_string(), b.identity.clone()))
+                    .collect::<Vec<_>>(),
+            ),
+            _ => None,
+        }
+    })
+    .await;
+    assert_eq!(
+        endpoints,
+        [
+            ("127.0.0.1:8080".to_owned(), Some(id(A))),
+            ("127.0.0.5:8080".to_owned(), Some(id(C)))
+        ]
+    );
+    // Services and slices are listed and watched, never read one by one.
+    for kind in ["/services", "/endpointslices"] {
+        let requests: Vec<_> = api
+            .requests()
+            .into_iter()
+            .filter(|r| r.path.contains(kind))
+            .collect();
+        assert!(!requests.is_empty(), "{kind} is watched");
+        assert!(
+            requests
+                .iter()
+                .all(|r| r.method == "GET" && r.path.ends_with(kind)),
+            "only list and watch on {kind}"
+        );
+    }
 
     // The API server expires every watch (410): the control plane relists,
     // and what changed meanwhile still arrives.
