@@ -61,12 +61,15 @@ pub struct DiscoveryService {
     metrics: Metrics,
 }
 
-/// Addresses per snapshot part.
-const PART_ADDRESSES: usize = 1024;
+/// Addresses per snapshot part (about 16 KiB encoded). Small parts keep
+/// what one stream holds encoded, and the buffers that grow to the largest
+/// message and keep that capacity, small: the control plane's memory in a
+/// reconnect storm is per stream.
+const PART_ADDRESSES: usize = 256;
 
 /// Service endpoints per snapshot part (a part holds at least one Service,
 /// whatever its size).
-const PART_ENDPOINTS: usize = 1024;
+const PART_ENDPOINTS: usize = 256;
 
 /// A stream's state between messages.
 struct Watch {

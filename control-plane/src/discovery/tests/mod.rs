@@ -593,6 +593,20 @@ mod stream {
             .expect("the stream goes on")
     }
 
+    /// The parts of one snapshot: `partial` on all but the last.
+    async fn snapshot_parts(stream: &mut Stream) -> Vec<WatchResponse> {
+        let mut parts = Vec::new();
+        loop {
+            let part = next(stream).await.expect("a part");
+            assert!(part.snapshot, "a change in the middle of a snapshot");
+            let last = !part.partial;
+            parts.push(part);
+            if last {
+                return parts;
+            }
+        }
+    }
+
     fn refused(registry: &Registry, reason: &str) -> f64 {
         crate::service::tests::counter(
             registry,
@@ -715,13 +729,11 @@ mod stream {
                 false,
             ));
         }
-        // It comes in parts, applied together after the last.
-        let fresh = next(&mut stream).await.expect("a fresh snapshot");
-        assert!(fresh.snapshot && fresh.partial);
-        assert_eq!(fresh.addresses.len(), 1024);
-        let rest = next(&mut stream).await.expect("the rest of it");
-        assert!(rest.snapshot && !rest.partial);
-        assert_eq!(rest.addresses.len(), 1101 - 1024);
+        // It comes in parts of 256 addresses, applied together after the
+        // last.
+        let parts = snapshot_parts(&mut stream).await;
+        let sizes: Vec<usize> = parts.iter().map(|p| p.addresses.len()).collect();
+        assert_eq!(sizes, [256, 256, 256, 256, 77]);
         assert_eq!(
             crate::service::tests::counter(&registry, "palisade_discovery_resyncs_total", &[]),
             1.0
@@ -821,22 +833,13 @@ mod stream {
         let mut stream = open(&service, request("198.18.0.1", Some(A), HOUR))
             .await
             .expect("bound");
-        let mut parts = Vec::new();
-        loop {
-            let part = next(&mut stream).await.expect("a part");
-            assert!(part.snapshot);
-            let last = !part.partial;
-            parts.push(part);
-            if last {
-                break;
-            }
-        }
-        // The addresses come first, then the Services, about 1,024
-        // endpoints a part.
+        let parts = snapshot_parts(&mut stream).await;
+        // The addresses come first, then the Services, about 256 endpoints
+        // a part.
         assert_eq!(parts[0].addresses.len(), 2);
         assert!(parts[0].services.is_empty());
         let counts: Vec<usize> = parts[1..].iter().map(|p| p.services.len()).collect();
-        assert_eq!(counts, [1024, 476]);
+        assert_eq!(counts, [256, 256, 256, 256, 256, 220]);
         let first = decode_service(&parts[1].services[0]).expect("valid");
         assert_eq!(first.0, service_ip(0));
         assert_eq!(
