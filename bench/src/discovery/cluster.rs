@@ -235,17 +235,23 @@ impl Cluster {
     }
 
     /// The next pod to move: not a stream's (its stream would be unbound),
-    /// not moved before.
+    /// not moved before. The flags' check leaves enough of them.
     fn movable(&mut self) -> usize {
-        loop {
-            let i = self.next_move % self.pods.len();
+        let free = |c: &Self, i: usize| {
+            i < c.pods.len() && c.stream_pods.binary_search(&i).is_err() && !c.moved.contains(&i)
+        };
+        // Spread over the Services: the second pod of each in turn, then the third...
+        for _ in 0..self.pods.len() {
+            let n = self.next_move;
             self.next_move += 1;
-            // Spread over the Services: the second pod of each in turn, then the third...
-            let i = (i % self.services) * self.per_service + 1 + i / self.services;
-            if i < self.pods.len() && !self.stream_pods.contains(&i) && !self.moved.contains(&i) {
+            let i = (n % self.services) * self.per_service + 1 + n / self.services;
+            if free(self, i) {
                 return i;
             }
         }
+        (0..self.pods.len())
+            .find(|&i| free(self, i))
+            .expect("the flags' check leaves a pod to move")
     }
 
     fn slice_json(&self, k: usize) -> Value {

@@ -105,6 +105,14 @@ impl Args {
             self.changes,
             self.rounds
         );
+        let moves = (self.changes * self.rounds + 1) / 3;
+        ensure!(
+            moves <= self.pods - self.streams,
+            "--changes {} × --rounds {}: {moves} pods move, but only {} pods are not a stream's",
+            self.changes,
+            self.rounds,
+            self.pods - self.streams
+        );
         ensure!(
             self.client_threads >= 1,
             "--client-threads 0: the clients need a thread"
