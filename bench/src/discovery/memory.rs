@@ -3,17 +3,18 @@
 //! The binary installs `stats_alloc`'s counting wrapper around the system
 //! allocator as its global allocator, and this module reads its counters
 //! around building a `palisade_sidecar::discovery::Destinations` from a
-//! snapshot the control plane sent. The figure is the heap the state holds
+//! snapshot the control plane sent, its parts applied one by one as the
+//! sidecar's stream client applies them (addresses and Services). The figure is the heap the state holds
 //! afterwards: bytes requested and not freed (what glibc adds per
 //! allocation, about 8–16 bytes, is not in it; the live allocations are
 //! counted so it can be estimated). The counters are process-wide, so the
 //! measurement runs while nothing else in this process works: before any
 //! stream but the probe's is opened.
 
-use std::{alloc::System, net::IpAddr};
+use std::alloc::System;
 
-use anyhow::{Context, Result};
-use palisade_proto::discovery::{self, v1::WatchResponse};
+use anyhow::{Context, Result, ensure};
+use palisade_proto::discovery::v1::WatchResponse;
 use palisade_sidecar::discovery::Destinations;
 use stats_alloc::{Region, StatsAlloc};
 
@@ -30,19 +31,13 @@ pub struct SidecarMemory {
     /// Snapshot parts, and their encoded bytes.
     pub parts: usize,
     pub encoded_bytes: usize,
-    /// Addresses and Services in the snapshot.
+    /// Addresses, Services and Service endpoints in the snapshot.
     pub addresses: usize,
     pub services: usize,
     pub endpoints: usize,
-    /// `Destinations` with the whole snapshot applied as one message.
+    /// `Destinations` after every part was applied in order, as the
+    /// sidecar's stream client applies them.
     pub destinations: Held,
-    /// Addresses `Destinations` knows after the parts were applied one at a
-    /// time, as `DiscoveryClient::follow` applies messages.
-    pub known_after_parts: usize,
-    /// The snapshot's Services decoded (`palisade_proto::discovery::Service`
-    /// by cluster IP, in a `Vec`): what a sidecar holds at least if it keeps
-    /// them in that form. `Destinations` does not keep Services.
-    pub services_decoded: Held,
 }
 
 // === impl Held ===
@@ -63,60 +58,36 @@ pub fn measure(
     parts: &[WatchResponse],
     alloc: &'static StatsAlloc<System>,
 ) -> Result<SidecarMemory> {
-    let merged = WatchResponse {
-        snapshot: true,
-        partial: false,
-        addresses: parts.iter().flat_map(|p| p.addresses.clone()).collect(),
-        removed: Vec::new(),
-        services: parts.iter().flat_map(|p| p.services.clone()).collect(),
-        removed_services: Vec::new(),
-    };
-    let endpoints = merged
-        .services
+    let addresses = parts.iter().map(|p| p.addresses.len()).sum();
+    let services = parts.iter().map(|p| p.services.len()).sum();
+    let endpoints = parts
         .iter()
+        .flat_map(|p| &p.services)
         .flat_map(|s| &s.ports)
         .map(|p| p.endpoints.len())
         .sum();
 
     let region = Region::new(alloc);
     let destinations = Destinations::default();
-    destinations
-        .apply(&merged)
-        .context("the sidecar's Destinations refused the snapshot")?;
-    let mut held = Held::of(&region);
-    held.bytes += std::mem::size_of::<Destinations>() as u64;
-    let known = destinations.len();
-    drop(destinations);
-
-    let region = Region::new(alloc);
-    let services: Vec<(IpAddr, discovery::Service)> = merged
-        .services
-        .iter()
-        .map(discovery::decode_service)
-        .collect::<Result<_, _>>()
-        .context("a Service of the snapshot does not decode")?;
-    let services_decoded = Held::of(&region);
-    drop(services);
-
-    let by_parts = Destinations::default();
     for part in parts {
-        by_parts
+        destinations
             .apply(part)
             .context("the sidecar's Destinations refused a snapshot part")?;
     }
-    anyhow::ensure!(
-        known == merged.addresses.len(),
-        "Destinations knows {known} addresses of the {} sent",
-        merged.addresses.len()
+    let mut held = Held::of(&region);
+    held.bytes += std::mem::size_of::<Destinations>() as u64;
+    ensure!(
+        destinations.len() == addresses && destinations.services() == services,
+        "Destinations knows {} addresses and {} Services of the {addresses} and {services} sent",
+        destinations.len(),
+        destinations.services()
     );
     Ok(SidecarMemory {
         parts: parts.len(),
         encoded_bytes: parts.iter().map(prost::Message::encoded_len).sum(),
-        addresses: merged.addresses.len(),
-        services: merged.services.len(),
+        addresses,
+        services,
         endpoints,
         destinations: held,
-        known_after_parts: by_parts.len(),
-        services_decoded,
     })
 }

@@ -17,7 +17,8 @@
 //!    snapshot (the time from starting the control plane is the sync time);
 //!    the control plane's RSS with no stream open. Then the heap that
 //!    `palisade_sidecar::discovery::Destinations` holds with that snapshot
-//!    applied, counted by the allocator (see [`memory`]).
+//!    applied part by part (addresses and Services), counted by the
+//!    allocator (see [`memory`]).
 //! 2. **All streams connect at once**, and every one holds a complete
 //!    snapshot (its last part, `partial = false`): the time, then the
 //!    control plane's steady RSS after `--settle`.

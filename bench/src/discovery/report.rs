@@ -359,16 +359,8 @@ impl Report<'_> {
                 format!("{}, {}", s.parts, fmt(s.encoded_bytes as f64 / 1024.0, 1)),
             ),
             (
-                "sidecar `Destinations`, whole snapshot applied: heap MiB (live allocations)".into(),
+                "sidecar `Destinations` with the snapshot applied (addresses and Services): heap MiB (live allocations)".into(),
                 format!("{} ({})", fmt(s.destinations.bytes as f64 / 1_048_576.0, 2), s.destinations.allocations),
-            ),
-            (
-                "the snapshot's Services decoded (not kept by `Destinations`): heap MiB (live allocations)".into(),
-                format!("{} ({})", fmt(s.services_decoded.bytes as f64 / 1_048_576.0, 2), s.services_decoded.allocations),
-            ),
-            (
-                "addresses `Destinations` knows after the parts applied one by one".into(),
-                format!("{} of {}", s.known_after_parts, s.addresses),
             ),
         ];
         for (label, value) in rows {
@@ -408,7 +400,6 @@ impl Report<'_> {
             .unwrap_or(0) as f64
             / MIB;
         let sidecar_mib = s.destinations.bytes as f64 / 1_048_576.0;
-        let with_services = (s.destinations.bytes + s.services_decoded.bytes) as f64 / 1_048_576.0;
         let met = |ok: bool| if ok { "met" } else { "**not met**" };
         let change = self.worst_change_p99();
         let _ = writeln!(out, "| goal | target | measured | met |");
@@ -430,12 +421,6 @@ impl Report<'_> {
             "| sidecar discovery state (`Destinations`) | ≤ 4 MiB | {} MiB | {} |",
             fmt(sidecar_mib, 2),
             met(sidecar_mib <= 4.0)
-        );
-        let _ = writeln!(
-            out,
-            "| … with the Services as decoded | ≤ 4 MiB | {} MiB | {} |",
-            fmt(with_services, 2),
-            met(with_services <= 4.0)
         );
         let _ = writeln!(out);
         let mut failures = self.connect.failures.clone();
@@ -502,8 +487,6 @@ impl Report<'_> {
             "snapshot_endpoints": s.endpoints,
             "sidecar_destinations_bytes": s.destinations.bytes,
             "sidecar_destinations_allocations": s.destinations.allocations,
-            "services_decoded_bytes": s.services_decoded.bytes,
-            "known_after_parts": s.known_after_parts,
             "rounds": rounds,
         })
     }
