@@ -3,6 +3,7 @@
 //! loopback ports chosen by the kernel, found from its `serving` log line.
 
 use std::{
+    ffi::OsStr,
     fs,
     net::SocketAddr,
     path::Path,
@@ -74,6 +75,20 @@ impl ControlPlane {
         log_level: &str,
         extra: &[String],
     ) -> Result<Self> {
+        Self::start_with_env(binary, ca_dir, tokens, log, log_level, extra, &[])
+    }
+
+    /// [`Self::start`] with `env` set in its environment (`KUBECONFIG` for
+    /// the `kubernetes` discovery source).
+    pub fn start_with_env(
+        binary: &Path,
+        ca_dir: &Path,
+        tokens: &Path,
+        log: &Path,
+        log_level: &str,
+        extra: &[String],
+        env: &[(&str, &OsStr)],
+    ) -> Result<Self> {
         let mut command = Command::new(binary);
         command
             .arg("serve")
@@ -89,6 +104,7 @@ impl ControlPlane {
                 command.env_remove(name);
             }
         }
+        command.envs(env.iter().copied());
         let proc = Proc::spawn(
             "the control plane",
             command,

@@ -11,6 +11,9 @@
 //!   control plane against the ECDSA ceiling of the machine.
 //! - [`rotation`] (`palisade-bench-rotation`): what certificate rotation costs
 //!   a sidecar, and whether it slows new connections.
+//! - [`discovery`] (`palisade-bench-discovery`): one control plane with
+//!   10,000 pods, 1,000 Services and 1,000 sidecar streams: change latency,
+//!   a reconnect storm, control-plane and per-sidecar memory.
 //!
 //! What they share:
 //!
@@ -31,6 +34,7 @@
 pub mod certs;
 pub mod control_plane;
 pub mod crypto;
+pub mod discovery;
 pub mod harness;
 pub mod issuance;
 pub mod load;
