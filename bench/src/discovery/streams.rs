@@ -9,8 +9,8 @@
 //!
 //! The TLS is built as the sidecar's discovery client builds it
 //! (`palisade_sidecar::discovery::client`: rustls with aws-lc-rs, ALPN `h2`,
-//! the mesh certificate as client certificate, `TCP_NODELAY`, tonic over a
-//! custom connector), with one difference: the socket is bound to the pod's
+//! the mesh certificate as client certificate, `TCP_NODELAY`, its HTTP/2
+//! window `STREAM_WINDOW`, tonic over a custom connector), with one difference: the socket is bound to the pod's
 //! address before it connects. The sidecar's connector cannot be given a
 //! source address (in a pod it needs none), so it is not reused here.
 
@@ -25,6 +25,7 @@ use palisade_proto::{
     discovery::v1::{WatchRequest, WatchResponse, discovery_client::DiscoveryClient},
     identity::v1::{CertifyRequest, identity_client::IdentityClient},
 };
+use palisade_sidecar::discovery::client::STREAM_WINDOW;
 use prost::Message as _;
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType, string::Ia5String};
 use rustls::{
@@ -307,7 +308,10 @@ async fn connect(
     let endpoint = Endpoint::from_shared(format!("http://{grpc}"))?
         .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10));
+        .keep_alive_timeout(Duration::from_secs(10))
+        // The sidecar's window: it bounds what the control plane queues per stream.
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(STREAM_WINDOW);
     let connector = connector.clone();
     let connect = tower::service_fn(move |_: Uri| {
         let (connector, server_name) = (connector.clone(), server_name.clone());
