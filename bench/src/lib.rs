@@ -14,6 +14,9 @@
 //! - [`discovery`] (`palisade-bench-discovery`): one control plane with
 //!   10,000 pods, 1,000 Services and 1,000 sidecar streams: change latency,
 //!   a reconnect storm, control-plane and per-sidecar memory.
+//! - [`outbound`] (`palisade-bench-outbound`): new connections per second
+//!   through a sidecar pair with discovery on and off, in network namespaces
+//!   with real capture.
 //!
 //! What they share:
 //!
@@ -38,6 +41,7 @@ pub mod discovery;
 pub mod harness;
 pub mod issuance;
 pub mod load;
+pub mod outbound;
 pub mod process;
 pub mod proxy;
 pub mod rotation;
