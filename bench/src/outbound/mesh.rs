@@ -122,7 +122,8 @@ pub struct Setup<'a> {
 impl Mesh {
     /// Builds the LAN, starts the control plane with the discovery file,
     /// installs the capture rules, starts the app and the three sidecars, and
-    /// returns once each is ready and a-on's sidecar holds every workload.
+    /// returns once each is ready and a-on's sidecar holds every workload
+    /// and Service.
     pub fn start(setup: &Setup<'_>) -> Result<Self> {
         ensure!(
             rustix::process::geteuid().is_root(),
@@ -248,9 +249,9 @@ impl Mesh {
             grpc: &grpc,
             threads: setup.sidecar_threads,
         };
-        let b = sidecars.start("b", B_ID, false, 0)?;
-        let a_off = sidecars.start("a-off", A_OFF_ID, false, 0)?;
-        let a_on = sidecars.start("a-on", A_ON_ID, true, setup.workloads)?;
+        let b = sidecars.start("b", B_ID, false, (0, 0))?;
+        let a_off = sidecars.start("a-off", A_OFF_ID, false, (0, 0))?;
+        let a_on = sidecars.start("a-on", A_ON_ID, true, (setup.workloads, setup.services))?;
         Ok(Self {
             a_off,
             a_on,
@@ -286,13 +287,13 @@ struct Sidecars<'a> {
 impl Sidecars<'_> {
     /// Starts the sidecar of `pod` as uid 1337, certified by the control
     /// plane as `identity`; returns once `/ready` answers and, with
-    /// `discovery`, the stream is up and holds `workloads` addresses.
+    /// `discovery`, the stream has delivered every workload and Service.
     fn start(
         &self,
         pod: &'static str,
         identity: &str,
         discovery: bool,
-        workloads: usize,
+        (workloads, service_count): (usize, usize),
     ) -> Result<Sidecar> {
         let token_file = self.lan.dir().join(format!("token-{pod}"));
         fs::write(&token_file, token(identity))?;
@@ -325,7 +326,9 @@ impl Sidecars<'_> {
             },
         );
         let what = if discovery {
-            format!("sidecar {pod} to be ready and hold {workloads} workloads")
+            format!(
+                "sidecar {pod} to be ready and hold {workloads} workloads and {service_count} Services"
+            )
         } else {
             format!("sidecar {pod} to be ready")
         };
@@ -343,8 +346,9 @@ impl Sidecars<'_> {
                 return Ok(Some(()));
             }
             let text = curl(host, "http://127.0.0.1:15020/metrics");
-            let known = metric(&text, "palisade_discovery_addresses_known", &[]);
-            Ok((known >= workloads as f64).then_some(()))
+            let addresses = metric(&text, "palisade_discovery_addresses_known", &[]);
+            let services = metric(&text, "palisade_discovery_services_known", &[]);
+            Ok((addresses >= workloads as f64 && services >= service_count as f64).then_some(()))
         })?;
         Ok(Sidecar { proc, pod })
     }
