@@ -75,6 +75,9 @@ cargo fmt --all -- --check
 step "cargo clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "fetching every locked package (tests/tests/dependencies.rs reads the tree for all targets, offline)"
+cargo fetch --locked
+
 step "building the binaries the whole-system tests start"
 cargo build --workspace --bins --locked
 
