@@ -413,6 +413,22 @@ mod against_the_api_server {
         serde_json::to_value(pod).expect("serializes")
     }
 
+    /// The `kubernetes` source following `api`, once it has synced (every
+    /// kind listed), and its task.
+    pub(super) async fn follow(api: &ApiServer) -> (Arc<Discovery>, tokio::task::JoinHandle<()>) {
+        let discovery = Discovery::new(td());
+        assert!(!discovery.is_synced());
+        let source = tokio::spawn(kubernetes::run(
+            api.client().expect("client"),
+            discovery.clone(),
+            crate::metrics::Metrics::register(&prometheus::Registry::new()).expect("metrics"),
+        ));
+        tokio::time::timeout(WAIT, discovery.synced())
+            .await
+            .expect("synced after every kind is listed");
+        (discovery, source)
+    }
+
     /// The next batch of changes that mentions `address`.
     async fn next_change(
         rx: &mut broadcast::Receiver<Changes>,
@@ -441,16 +457,7 @@ mod against_the_api_server {
             .start()
             .await
             .expect("the stand-in starts");
-        let discovery = Discovery::new(td());
-        assert!(!discovery.is_synced());
-        let source = tokio::spawn(kubernetes::run(
-            api.client().expect("client"),
-            discovery.clone(),
-            crate::metrics::Metrics::register(&prometheus::Registry::new()).expect("metrics"),
-        ));
-        tokio::time::timeout(WAIT, discovery.synced())
-            .await
-            .expect("synced after the first list");
+        let (discovery, source) = follow(&api).await;
         let (snapshot, mut rx) = discovery.subscribe();
         assert_eq!(
             snapshot.addresses,

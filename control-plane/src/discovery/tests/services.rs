@@ -413,7 +413,6 @@ mod against_the_api_server {
     use palisade_tests::kube::ApiServer;
 
     use super::*;
-    use crate::discovery::kubernetes;
 
     const WAIT: Duration = Duration::from_secs(10);
 
@@ -445,15 +444,7 @@ mod against_the_api_server {
             .start()
             .await
             .expect("the stand-in starts");
-        let discovery = Discovery::new(td());
-        let source = tokio::spawn(kubernetes::run(
-            api.client().expect("client"),
-            discovery.clone(),
-            crate::metrics::Metrics::register(&prometheus::Registry::new()).expect("metrics"),
-        ));
-        tokio::time::timeout(WAIT, discovery.synced())
-            .await
-            .expect("synced after every kind is listed");
+        let (discovery, source) = super::super::against_the_api_server::follow(&api).await;
         let (snapshot, mut rx) = discovery.subscribe();
         assert_eq!(snapshot.addresses.len(), 1);
         assert_eq!(
