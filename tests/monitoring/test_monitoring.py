@@ -125,7 +125,7 @@ def test_alerts_are_complete() -> None:
     for name, rule in alerts().items():
         assert name.startswith("Palisade"), name
         assert re.fullmatch(r"[0-9]+[smh]", str(rule.get("for", ""))), f"{name}: no `for`"
-        assert rule["labels"]["severity"] in ("warning", "critical"), name
+        assert rule["labels"]["severity"] in ("info", "warning", "critical"), name
         ann = rule["annotations"]
         assert {"summary", "description", "runbook"} <= set(ann), name
         assert all(ann[k].strip() for k in ("summary", "description", "runbook")), name
@@ -146,9 +146,16 @@ def test_required_alerts_exist() -> None:
         "PalisadeCAIssuerExpiryCritical": "critical",
         "PalisadeControlPlaneAbsent": "critical",
         "PalisadeAuthorizationDenialsSpiking": "warning",
+        "PalisadeDeniedIdentityStillConnecting": "warning",
+        "PalisadeAuditPolicyWouldDeny": "info",
     }
     for name, severity in required.items():
         assert severities.get(name) == severity, name
+    # The authorization records keep the policy that decided, and no label
+    # whose values are unbounded (peer identities are in the access log).
+    for record in ("palisade:authz_denied:rate5m", "palisade:authz_audit_denied:rate5m"):
+        (rule,) = [r for r in rules() if r.get("record") == record]
+        assert "by (namespace, port, policy)" in rule["expr"], record
     # The handshake alert keeps direction and reason as labels.
     expr = alerts()["PalisadeHandshakeFailureRatioHigh"]["expr"]
     assert "by (namespace, direction, reason)" in expr
@@ -199,7 +206,18 @@ REQUIRED_PANELS = {
     "Handshake latency (p50, p90, p99) by direction": ["palisade_tls_handshake_duration_seconds_bucket", "direction"],
     "Time to certificate expiry by identity": ["palisade_cert_expiration_timestamp_seconds", "identity", "time()"],
     "Certificate renewals": ["palisade_cert_renewals_total", "result"],
-    "Authorization denials by port and peer": ["palisade_authz_denied_total", "port", "peer_identity"],
+    "Authorization decisions by policy and port": [
+        "palisade_authz_decisions_total",
+        "decision",
+        "audit_deny",
+        "policy",
+        "port",
+    ],
+    "What a deny default would refuse (audit mode)": [
+        'palisade_authz_decisions_total{decision="audit_deny"',
+        "by (namespace, pod, port, policy)",
+        "[$__range]",
+    ],
     "CA issuance by result and reason": ["palisade_ca_certificates_issued_total", "result", "reason"],
     "CA issuance latency (p50, p90, p99)": ["palisade_ca_issue_duration_seconds_bucket"],
     "Active connections": ["palisade_connections_active"],
