@@ -151,11 +151,12 @@ impl App {
         let discovery = match &config.discovery {
             None => None,
             Some(DiscoverySource::Kubernetes) => Some(DiscoveryParts {
-                state: Discovery::new(config.trust_domain.clone()),
+                state: Discovery::with_default(config.trust_domain.clone(), config.policy_default),
                 pods: kube_client.clone(),
             }),
             Some(DiscoverySource::File { path }) => {
-                let discovery = Discovery::new(config.trust_domain.clone());
+                let discovery =
+                    Discovery::with_default(config.trust_domain.clone(), config.policy_default);
                 let (workloads, services) = load_discovery_file(path, &discovery)
                     .with_context(|| format!("loading the discovery file {}", path.display()))?;
                 info!(file = %path.display(), workloads, services, "discovery: loaded the discovery file");

@@ -14,6 +14,7 @@
 //!   bounded accept loop.
 //! - [`inject`]: the sidecar-injection webhook (HTTPS, 15017).
 //! - [`discovery`]: which pod answers at which address, for the sidecars.
+//! - [`policy`]: the policy resources (CRDs) and what each pod is sent of them.
 //! - [`publish`]: writes the trust bundle into the cluster (webhook `caBundle`,
 //!   per-namespace ConfigMaps).
 //! - [`metrics`]: the Prometheus metrics.
@@ -28,6 +29,7 @@ pub mod discovery;
 pub mod grpc;
 pub mod inject;
 pub mod metrics;
+pub mod policy;
 pub mod publish;
 pub mod service;
 #[cfg(test)]

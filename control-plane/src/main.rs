@@ -31,6 +31,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Crds => {
+            print!("{}", palisade_control_plane::policy::crds_yaml());
+            Ok(())
+        }
         Command::Serve(args) => {
             let config = args.into_config(cli.log.config())?;
             // kube's client logs whole response bodies on some errors, and a

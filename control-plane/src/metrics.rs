@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use palisade_runtime::metrics::{Families, Family, Label};
 pub use palisade_runtime::metrics::{LabelValue, Outcome};
-use prometheus::{Gauge, Histogram, IntCounter, IntCounterVec, IntGauge, Registry};
+use prometheus::{Gauge, Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 
 use crate::{
     authn,
@@ -92,6 +92,7 @@ pub struct Metrics {
     source_workloads: IntGauge,
     source_addresses: IntGauge,
     source_services: IntGauge,
+    policy_resources: IntGaugeVec,
 }
 
 // === impl Metrics ===
@@ -210,6 +211,14 @@ impl Metrics {
             "palisade_discovery_source_services",
             "Service cluster addresses discovery answers for.",
         )?;
+        let policy_resources = f.int_gauge_vec(
+            "palisade_policy_resources",
+            "Policy resources discovery knows, by kind (inbound_policy, identity_deny_list).",
+            vec![Label::closed_with(
+                "kind",
+                vec!["inbound_policy", "identity_deny_list"],
+            )],
+        )?;
 
         // Present from the start, so rate() and absence alerts work before the first request.
         issued.with_label_values(&[Outcome::Success.as_str(), ISSUED_OK]);
@@ -232,6 +241,7 @@ impl Metrics {
             source_workloads,
             source_addresses,
             source_services,
+            policy_resources,
             issued,
             issue_duration,
             issuer_expiration,
@@ -372,6 +382,13 @@ impl Metrics {
         self.source_workloads.set(count(discovery.workloads()));
         self.source_addresses.set(count(discovery.addresses()));
         self.source_services.set(count(discovery.services()));
+        let (policies, deny_lists) = discovery.policy_resources();
+        self.policy_resources
+            .with_label_values(&["inbound_policy"])
+            .set(count(policies));
+        self.policy_resources
+            .with_label_values(&["identity_deny_list"])
+            .set(count(deny_lists));
     }
 }
 

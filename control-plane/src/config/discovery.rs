@@ -7,6 +7,10 @@ use clap::{Args, ValueEnum};
 use serde::Serialize;
 
 use super::ConfigError;
+use crate::policy::{
+    MeshDefault,
+    resources::{Action, Mode},
+};
 
 /// Flags of `serve` for discovery.
 #[derive(Debug, Args)]
@@ -22,6 +26,22 @@ pub struct DiscoveryArgs {
     /// The discovery file (YAML workloads) of the file source; watched for changes.
     #[arg(long, env = "PALISADE_DISCOVERY_FILE", value_name = "FILE")]
     pub discovery_file: Option<PathBuf>,
+    /// The mesh-wide inbound mode, for pods no InboundPolicy selects and policies that set none.
+    #[arg(
+        long,
+        env = "PALISADE_POLICY_DEFAULT_MODE",
+        value_enum,
+        default_value = "permissive"
+    )]
+    pub policy_default_mode: Mode,
+    /// The mesh-wide action on ports no rule covers, for pods no InboundPolicy selects and policies that set none.
+    #[arg(
+        long,
+        env = "PALISADE_POLICY_DEFAULT_ACTION",
+        value_enum,
+        default_value = "allow"
+    )]
+    pub policy_default_action: Action,
 }
 
 /// Which source discovery follows.
@@ -47,6 +67,14 @@ pub enum DiscoverySource {
 // === impl DiscoveryArgs ===
 
 impl DiscoveryArgs {
+    /// The mesh-wide policy default.
+    pub fn mesh_default(&self) -> MeshDefault {
+        MeshDefault {
+            mode: self.policy_default_mode,
+            action: self.policy_default_action,
+        }
+    }
+
     /// The source, if any; `--discovery-file` belongs to the file source only.
     pub fn source(self) -> Result<Option<DiscoverySource>, ConfigError> {
         match (self.discovery_source, self.discovery_file) {

@@ -33,7 +33,7 @@ pub use self::{
     grpc::GrpcArgs,
     kubernetes::{PublishArgs, WebhookArgs, WebhookConfig},
 };
-use crate::{ca::LifetimePolicy, publish::PublishConfig};
+use crate::{ca::LifetimePolicy, policy::MeshDefault, publish::PublishConfig};
 
 /// The mesh certificate authority: issues short-lived SPIFFE certificates to
 /// sidecars over gRPC.
@@ -54,6 +54,8 @@ pub enum Command {
     /// Manage the certificate authority's files.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Print the CRDs of the policy resources (group policy.palisade.io) as YAML, as the chart ships them.
+    Crds,
 }
 
 /// `ca` subcommands.
@@ -115,6 +117,8 @@ pub struct ServeConfig {
     pub publish: PublishConfig,
     /// Where discovery comes from, when it is served.
     pub discovery: Option<DiscoverySource>,
+    /// The mesh-wide policy default discovery sends.
+    pub policy_default: MeshDefault,
     pub log: LogConfig,
 }
 
@@ -165,6 +169,7 @@ impl ServeArgs {
             shutdown_grace: self.shutdown_grace,
             webhook: self.webhook.webhook(),
             publish: self.publish.into_config(self.authn.kube_timeout)?,
+            policy_default: self.discovery.mesh_default(),
             discovery: self.discovery.source()?,
             log,
         })

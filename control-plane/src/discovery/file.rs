@@ -15,7 +15,20 @@
 //!     ports:
 //!       - port: 80
 //!         endpoints: ["198.18.0.2:8080", "198.18.0.3:8080"]
+//! policies:                                       # InboundPolicy, as in Kubernetes
+//!   - name: shop/b-inbound                        # namespace/name
+//!     spec:
+//!       podSelector: {matchLabels: {app: b}}
+//!       defaultAction: deny
+//!       rules: [{ports: [8080], allow: [{serviceAccount: {namespace: shop, name: a}}]}]
+//! denyLists:                                      # IdentityDenyList, as in Kubernetes
+//!   - name: incident-42
+//!     spec: {identities: [spiffe://cluster.local/ns/shop/sa/c]}
 //! ```
+//!
+//! A meshed workload's namespace (for policy selection) is its identity's;
+//! it may carry `labels:` and declare `ports:` (`[8080, {name: http, port:
+//! 8080}]`), as a pod's containers do.
 //!
 //! Each workload has exactly one of `identity` (in the control plane's trust
 //! domain) and `unmeshed: true`. Two workloads on one address make it fail
@@ -28,12 +41,18 @@
 //! keeps the state it had.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
 
 use palisade_proto::{SpiffeId, SpiffeIdError, TrustDomain};
 use serde::Deserialize;
+
+use crate::policy::{
+    IdentityDenyList, InboundPolicy, PodFacts,
+    resources::{IdentityDenyListSpec, InboundPolicySpec},
+};
 
 use super::{
     model::{Claim, Workload},
@@ -77,6 +96,41 @@ pub enum FileError {
     BadPort { service: usize, port: u32 },
     #[error("service {service}: `{value}` is not an endpoint (address:port, [v6]:port)")]
     BadEndpoint { service: usize, value: String },
+    #[error("policy {policy}: the name must be `namespace/name`")]
+    PolicyName { policy: usize },
+}
+
+/// The policy facts of a file workload: its identity's namespace, its
+/// labels and its declared ports.
+fn facts_of(
+    id: &SpiffeId,
+    labels: BTreeMap<String, String>,
+    ports: &[FileContainerPort],
+) -> PodFacts {
+    let namespace = id
+        .path()
+        .strip_prefix("/ns/")
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_default()
+        .to_owned();
+    let mut facts = PodFacts {
+        namespace,
+        labels,
+        ..PodFacts::default()
+    };
+    for port in ports {
+        let number = match port {
+            FileContainerPort::Number(n) => *n,
+            FileContainerPort::Named { name, port } => {
+                facts.named_ports.entry(name.clone()).or_insert(*port);
+                *port
+            }
+        };
+        facts.declared_ports.push(number);
+    }
+    facts.declared_ports.sort_unstable();
+    facts.declared_ports.dedup();
+    facts
 }
 
 /// What a discovery file holds: its workloads and Services, each with the
@@ -86,15 +140,43 @@ pub struct Parsed {
     pub workloads: Vec<(String, Workload)>,
     /// Each Service with its endpoints, one slice per address family.
     pub services: Vec<(String, ServiceDef, Vec<SliceDef>)>,
+    pub policies: Vec<InboundPolicy>,
+    pub deny_lists: Vec<IdentityDenyList>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct File {
     #[serde(default)]
     workloads: Vec<FileWorkload>,
     #[serde(default)]
     services: Vec<FileService>,
+    #[serde(default)]
+    policies: Vec<FilePolicy>,
+    #[serde(default)]
+    deny_lists: Vec<FileDenyList>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePolicy {
+    /// `namespace/name`.
+    name: String,
+    spec: InboundPolicySpec,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDenyList {
+    name: String,
+    spec: IdentityDenyListSpec,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum FileContainerPort {
+    Number(u16),
+    Named { name: String, port: u16 },
 }
 
 #[derive(Deserialize)]
@@ -127,6 +209,10 @@ struct FileWorkload {
     identity: Option<String>,
     #[serde(default)]
     unmeshed: bool,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    ports: Vec<FileContainerPort>,
 }
 
 /// The workloads and Services of a discovery file.
@@ -135,6 +221,8 @@ pub fn parse(yaml: &str, trust_domain: &TrustDomain) -> Result<Parsed, FileError
         File {
             workloads: Vec::new(),
             services: Vec::new(),
+            policies: Vec::new(),
+            deny_lists: Vec::new(),
         }
     } else {
         serde_saphyr::from_str(yaml)
@@ -151,9 +239,25 @@ pub fn parse(yaml: &str, trust_domain: &TrustDomain) -> Result<Parsed, FileError
         .enumerate()
         .map(|(i, s)| parse_service(i + 1, s, &mut owners))
         .collect::<Result<_, _>>()?;
+    let mut policies = Vec::new();
+    for (i, p) in file.policies.into_iter().enumerate() {
+        let Some((namespace, name)) = p.name.split_once('/') else {
+            return Err(FileError::PolicyName { policy: i + 1 });
+        };
+        let mut policy = InboundPolicy::new(name, p.spec);
+        policy.metadata.namespace = Some(namespace.to_owned());
+        policies.push(policy);
+    }
+    let deny_lists = file
+        .deny_lists
+        .into_iter()
+        .map(|d| IdentityDenyList::new(&d.name, d.spec))
+        .collect();
     Ok(Parsed {
         workloads,
         services,
+        policies,
+        deny_lists,
     })
 }
 
@@ -198,12 +302,17 @@ fn parse_workloads(
                 _ => return Err(FileError::IdentityOrUnmeshed { workload }),
             };
             let name = w.name.unwrap_or_else(|| format!("workload {workload}"));
+            let facts = match &claim {
+                Claim::Meshed(id) => Some(Arc::new(facts_of(id, w.labels, &w.ports))),
+                _ => None,
+            };
             Ok((
                 format!("file/{workload}"),
                 Workload {
                     name,
                     addresses,
                     claim,
+                    facts,
                 },
             ))
         })

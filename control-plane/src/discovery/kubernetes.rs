@@ -1,6 +1,9 @@
-//! The `kubernetes` source: kube-rs watchers on Pods, Services and
-//! EndpointSlices, cluster-wide and read-only (RBAC: `list` and `watch` on
-//! each, nothing more).
+//! The `kubernetes` source: kube-rs watchers on Pods, Services,
+//! EndpointSlices and the policy resources (`InboundPolicy`,
+//! `IdentityDenyList`), cluster-wide and read-only (RBAC: `list` and `watch`
+//! on each, nothing more). The policy CRDs must be installed: without them
+//! discovery never syncs, since a sidecar must not start from a state that
+//! lacks the deny list.
 //!
 //! Each watcher lists, then watches from the list's resourceVersion; on
 //! `410 Gone` it lists again. A list arrives as `Init`, one `InitApply` per
@@ -37,10 +40,13 @@ use super::{
     services::{ServiceDef, SliceDef, service_key, slice_key},
     state::Discovery,
 };
-use crate::metrics::Metrics;
+use crate::{
+    metrics::Metrics,
+    policy::{IdentityDenyList, InboundPolicy, PolicyDef},
+};
 
 /// How many kinds are followed; discovery is synced when all are listed.
-const KINDS: usize = 3;
+const KINDS: usize = 5;
 
 /// A kind of object discovery follows, and what it keeps of one.
 trait Followed: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + 'static {
@@ -63,7 +69,9 @@ pub async fn run(client: Client, discovery: Arc<Discovery>, metrics: Metrics) {
     futures::join!(
         follow::<Pod>(client.clone(), &discovery, &metrics, &listed),
         follow::<Service>(client.clone(), &discovery, &metrics, &listed),
-        follow::<EndpointSlice>(client, &discovery, &metrics, &listed),
+        follow::<EndpointSlice>(client.clone(), &discovery, &metrics, &listed),
+        follow::<InboundPolicy>(client.clone(), &discovery, &metrics, &listed),
+        follow::<IdentityDenyList>(client, &discovery, &metrics, &listed),
     );
 }
 
@@ -191,5 +199,55 @@ impl Followed for EndpointSlice {
 
     fn put(discovery: &Discovery, key: String, def: Option<SliceDef>) {
         discovery.put_slice(key, def);
+    }
+}
+
+impl Followed for InboundPolicy {
+    const WHAT: &'static str = "inboundpolicies";
+    type Def = PolicyDef;
+
+    fn key(&self) -> String {
+        format!(
+            "{}/{}",
+            self.metadata.namespace.as_deref().unwrap_or(""),
+            self.metadata.name.as_deref().unwrap_or("")
+        )
+    }
+
+    fn def(&self, trust_domain: &TrustDomain) -> Option<PolicyDef> {
+        let def = PolicyDef::of(self, trust_domain);
+        for problem in &def.problems {
+            warn!(policy = %def.name, %problem, "policy: read the strictest way");
+        }
+        Some(def)
+    }
+
+    fn replace(discovery: &Discovery, all: Vec<(String, Option<PolicyDef>)>) {
+        discovery.replace_policies(all);
+    }
+
+    fn put(discovery: &Discovery, key: String, def: Option<PolicyDef>) {
+        discovery.put_policy(key, def);
+    }
+}
+
+impl Followed for IdentityDenyList {
+    const WHAT: &'static str = "identitydenylists";
+    type Def = IdentityDenyList;
+
+    fn key(&self) -> String {
+        self.metadata.name.clone().unwrap_or_default()
+    }
+
+    fn def(&self, _: &TrustDomain) -> Option<IdentityDenyList> {
+        Some(self.clone())
+    }
+
+    fn replace(discovery: &Discovery, all: Vec<(String, Option<IdentityDenyList>)>) {
+        discovery.replace_deny_lists(all);
+    }
+
+    fn put(discovery: &Discovery, key: String, def: Option<IdentityDenyList>) {
+        discovery.put_deny_list(key, def);
     }
 }

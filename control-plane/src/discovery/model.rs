@@ -20,13 +20,14 @@
 use std::{
     collections::{BTreeSet, HashMap},
     net::IpAddr,
+    sync::Arc,
 };
 
 use k8s_openapi::api::core::v1::Pod;
 pub use palisade_proto::discovery::Resolution;
 use palisade_proto::{SpiffeId, SpiffeIdError, TrustDomain};
 
-use crate::inject::patch::SIDECAR_CONTAINER;
+use crate::{inject::patch::SIDECAR_CONTAINER, policy::PodFacts};
 
 /// What one live pod claims at its addresses.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,6 +50,8 @@ pub struct Workload {
     /// The pod's addresses (`status.podIPs`, else `status.podIP`), parsed.
     pub addresses: Vec<IpAddr>,
     pub claim: Claim,
+    /// What its authorization policy depends on (meshed pods only).
+    pub facts: Option<Arc<PodFacts>>,
 }
 
 /// Every live pod's claims, and the addresses they make.
@@ -92,10 +95,12 @@ impl Workload {
         } else {
             Claim::Unmeshed
         };
+        let facts = matches!(claim, Claim::Meshed(_)).then(|| Arc::new(PodFacts::of(pod)));
         Some(Self {
             name: pod_name(pod),
             addresses,
             claim,
+            facts,
         })
     }
 }
@@ -251,13 +256,26 @@ impl Directory {
         self.pods.len()
     }
 
-    /// The live pods claiming `address`, for logs and refusals.
-    pub fn claimants(&self, address: IpAddr) -> Vec<&Workload> {
+    /// The live pods claiming `address`, with their keys.
+    pub fn claimants(&self, address: IpAddr) -> Vec<(&str, &Workload)> {
         self.by_address
             .get(&address)
             .into_iter()
             .flatten()
-            .filter_map(|k| self.pods.get(k))
+            .filter_map(|k| Some((k.as_str(), self.pods.get(k)?)))
             .collect()
+    }
+
+    /// The pod tracked as `key`.
+    pub fn get(&self, key: &str) -> Option<&Workload> {
+        self.pods.get(key)
+    }
+
+    /// The policy facts of every pod, for a comparison before and after a
+    /// relist.
+    pub fn all_facts(&self) -> impl Iterator<Item = (&str, &Arc<PodFacts>)> {
+        self.pods
+            .iter()
+            .filter_map(|(k, w)| Some((k.as_str(), w.facts.as_ref()?)))
     }
 }

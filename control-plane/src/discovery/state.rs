@@ -16,21 +16,37 @@
 //!
 //! The snapshot streams start from is built once per state and shared: a
 //! thousand sidecars reconnecting at once cost one copy, not a thousand.
+//!
+//! Policies are per pod, so a change does not carry them: it says whose
+//! policy may have changed (a pod's labels or ports, a namespace's
+//! policies, or everyone's after a relist), and each stream concerned asks
+//! for its own pod's policy again and sends it if its version moved. The
+//! deny list is one for the mesh and travels in the change itself.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
 
 use k8s_openapi::api::core::v1::Pod;
-use palisade_proto::{SpiffeId, TrustDomain, discovery::Service};
+use palisade_proto::{
+    SpiffeId, TrustDomain,
+    discovery::{
+        Service,
+        v1::{DenyList, PodPolicy},
+    },
+};
 use tokio::sync::{broadcast, watch};
 
 use super::{
     file::Parsed,
     model::{Claim, Directory, Resolution, Workload},
     services::{ServiceDef, Services, SliceDef},
+};
+use crate::policy::{
+    DenyDef, IdentityDenyList, MeshDefault, PolicyDef, pod_policy,
+    resources::{Action, Mode},
 };
 
 /// How many changes a slow stream may fall behind before it resyncs.
@@ -48,6 +64,21 @@ pub struct Change {
     /// Each cluster address with its Service now, or `None` when no Service
     /// has it any more.
     pub services: Vec<(IpAddr, Option<Arc<Service>>)>,
+    /// Whose policy may have changed.
+    pub policies: PolicyScope,
+    /// The deny list, when it changed.
+    pub deny_list: Option<Arc<DenyList>>,
+}
+
+/// Whose policy an update may have changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyScope {
+    /// Every pod's (a relist).
+    pub all: bool,
+    /// These pods' (by key): their labels, ports or annotation changed.
+    pub pods: BTreeSet<String>,
+    /// Every pod's of these namespaces: a policy there changed.
+    pub namespaces: BTreeSet<String>,
 }
 
 /// The whole state at one moment, in address order.
@@ -58,17 +89,31 @@ pub struct Snapshot {
 }
 
 /// What an update touched: the addresses and cluster addresses whose answer
-/// may have changed.
+/// may have changed, whose policy, and whether the deny lists did.
 #[derive(Debug, Default)]
 struct Touched {
     addresses: BTreeSet<IpAddr>,
     services: BTreeSet<IpAddr>,
+    policies: PolicyScope,
+    deny_lists: bool,
+}
+
+/// What the sources write.
+#[derive(Debug, Default)]
+struct Model {
+    directory: Directory,
+    services: Services,
+    /// By `namespace/name`.
+    policies: BTreeMap<String, Arc<PolicyDef>>,
+    /// By name.
+    deny_lists: BTreeMap<String, IdentityDenyList>,
 }
 
 /// What discovery knows, shared by its sources and its streams.
 #[derive(Debug)]
 pub struct Discovery {
     trust_domain: TrustDomain,
+    mesh_default: MeshDefault,
     directory: Mutex<Published>,
     changes: broadcast::Sender<Changes>,
     synced: watch::Sender<bool>,
@@ -77,13 +122,22 @@ pub struct Discovery {
 /// The model and what was last broadcast of it, under one lock.
 #[derive(Debug, Default)]
 struct Published {
-    directory: Directory,
-    services: Services,
+    model: Model,
     resolutions: HashMap<IpAddr, Resolution>,
     published_services: HashMap<IpAddr, Arc<Service>>,
+    deny_list: Arc<DenyList>,
     /// The snapshot of what was last broadcast, built when a stream first
     /// asks for it.
     snapshot: Option<Arc<Snapshot>>,
+}
+
+/// The pod a stream is bound to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bound {
+    /// The key it is tracked by.
+    pub key: String,
+    /// `namespace/name`.
+    pub name: String,
 }
 
 /// Why a caller's stream cannot be bound to a pod.
@@ -102,10 +156,27 @@ pub enum BindError {
 }
 
 impl Discovery {
+    /// Discovery with the mesh default `permissive` and `allow`.
     pub fn new(trust_domain: TrustDomain) -> Arc<Self> {
+        Self::with_default(
+            trust_domain,
+            MeshDefault {
+                mode: Mode::Permissive,
+                action: Action::Allow,
+            },
+        )
+    }
+
+    /// Discovery whose pods no policy selects get `mesh_default`.
+    pub fn with_default(trust_domain: TrustDomain, mesh_default: MeshDefault) -> Arc<Self> {
+        let empty = DenyDef::default().wire();
         Arc::new(Self {
             trust_domain,
-            directory: Mutex::new(Published::default()),
+            mesh_default,
+            directory: Mutex::new(Published {
+                deny_list: Arc::new(empty),
+                ..Published::default()
+            }),
             changes: broadcast::channel(CHANGES_BUFFERED).0,
             synced: watch::channel(false).0,
         })
@@ -125,58 +196,127 @@ impl Discovery {
 
     /// Replaces every pod with `pods` (a list, or a relist).
     pub fn replace_pods(&self, pods: &[Pod]) {
-        self.update(|d, _, td| Touched {
-            addresses: d.replace_all(pods, td),
+        self.update(|m, td| Touched {
+            addresses: m.directory.replace_all(pods, td),
+            policies: PolicyScope::everyone(),
             ..Touched::default()
         });
     }
 
     /// A pod added or changed.
     pub fn apply_pod(&self, pod: &Pod) {
-        self.update(|d, _, td| Touched {
-            addresses: d.apply(pod, td),
-            ..Touched::default()
-        });
+        let workload = Workload::of(pod, &self.trust_domain);
+        self.put_workload(super::model::pod_key(pod), workload);
     }
 
     /// A pod deleted.
     pub fn delete_pod(&self, pod: &Pod) {
-        self.update(|d, _, _| Touched {
-            addresses: d.delete(pod),
-            ..Touched::default()
-        });
+        self.put_workload(super::model::pod_key(pod), None);
     }
 
     /// Replaces every pod with `workloads` (a list, or a relist, made
     /// [`Workload`]s as it arrives).
     pub fn replace_workloads(&self, workloads: Vec<(String, Workload)>) {
-        self.update(|d, _, _| Touched {
-            addresses: d.replace_workloads(workloads),
+        self.update(|m, _| Touched {
+            addresses: m.directory.replace_workloads(workloads),
+            policies: PolicyScope::everyone(),
             ..Touched::default()
         });
     }
 
     /// The pod `key` added or changed (`Some`), or gone (`None`).
     pub fn put_workload(&self, key: String, workload: Option<Workload>) {
-        self.update(|d, _, _| Touched {
-            addresses: d.put(key, workload),
-            ..Touched::default()
+        self.update(|m, _| {
+            let before = m.directory.get(&key).and_then(|w| w.facts.clone());
+            let after = workload.as_ref().and_then(|w| w.facts.clone());
+            let mut policies = PolicyScope::default();
+            if before != after {
+                policies.pods.insert(key.clone());
+            }
+            Touched {
+                addresses: m.directory.put(key, workload),
+                policies,
+                ..Touched::default()
+            }
+        });
+    }
+
+    /// Replaces every policy with `policies` (a list, or a relist).
+    pub fn replace_policies(&self, policies: Vec<(String, Option<PolicyDef>)>) {
+        self.update(|m, _| {
+            m.policies = policies
+                .into_iter()
+                .filter_map(|(k, p)| Some((k, Arc::new(p?))))
+                .collect();
+            Touched {
+                policies: PolicyScope::everyone(),
+                ..Touched::default()
+            }
+        });
+    }
+
+    /// The policy `key` (`namespace/name`) added or changed, or gone.
+    pub fn put_policy(&self, key: String, policy: Option<PolicyDef>) {
+        self.update(|m, _| {
+            let mut scope = PolicyScope::default();
+            let old = match policy {
+                Some(p) => {
+                    scope.namespaces.insert(p.namespace.clone());
+                    m.policies.insert(key, Arc::new(p))
+                }
+                None => m.policies.remove(&key),
+            };
+            if let Some(old) = old {
+                scope.namespaces.insert(old.namespace.clone());
+            }
+            Touched {
+                policies: scope,
+                ..Touched::default()
+            }
+        });
+    }
+
+    /// Replaces every deny list with `lists` (a list, or a relist).
+    pub fn replace_deny_lists(&self, lists: Vec<(String, Option<IdentityDenyList>)>) {
+        self.update(|m, _| {
+            m.deny_lists = lists
+                .into_iter()
+                .filter_map(|(k, l)| Some((k, l?)))
+                .collect();
+            Touched {
+                deny_lists: true,
+                ..Touched::default()
+            }
+        });
+    }
+
+    /// The deny list `key` added or changed, or gone.
+    pub fn put_deny_list(&self, key: String, list: Option<IdentityDenyList>) {
+        self.update(|m, _| {
+            match list {
+                Some(l) => m.deny_lists.insert(key, l),
+                None => m.deny_lists.remove(&key),
+            };
+            Touched {
+                deny_lists: true,
+                ..Touched::default()
+            }
         });
     }
 
     /// Replaces every Service with `services` (a list, or a relist); `None`
     /// for one without a cluster address.
     pub fn replace_services(&self, services: Vec<(String, Option<ServiceDef>)>) {
-        self.update(|_, s, _| Touched {
-            services: s.replace_services(services),
+        self.update(|m, _| Touched {
+            services: m.services.replace_services(services),
             ..Touched::default()
         });
     }
 
     /// The Service `key` added or changed (`Some`), or gone (`None`).
     pub fn put_service(&self, key: String, service: Option<ServiceDef>) {
-        self.update(|_, s, _| Touched {
-            services: s.put_service(key, service),
+        self.update(|m, _| Touched {
+            services: m.services.put_service(key, service),
             ..Touched::default()
         });
     }
@@ -184,16 +324,16 @@ impl Discovery {
     /// Replaces every EndpointSlice with `slices` (a list, or a relist);
     /// `None` for one that belongs to no Service.
     pub fn replace_slices(&self, slices: Vec<(String, Option<SliceDef>)>) {
-        self.update(|_, s, _| Touched {
-            services: s.replace_slices(slices),
+        self.update(|m, _| Touched {
+            services: m.services.replace_slices(slices),
             ..Touched::default()
         });
     }
 
     /// The EndpointSlice `key` added or changed (`Some`), or gone (`None`).
     pub fn put_slice(&self, key: String, slice: Option<SliceDef>) {
-        self.update(|_, s, _| Touched {
-            services: s.put_slice(key, slice),
+        self.update(|m, _| Touched {
+            services: m.services.put_slice(key, slice),
             ..Touched::default()
         });
     }
@@ -201,8 +341,27 @@ impl Discovery {
     /// Replaces everything with the `file` source's workloads, Services and
     /// their endpoints, in one change.
     pub fn replace_file(&self, file: Parsed) {
-        self.update(|d, s, _| {
+        self.update(|m, td| {
+            let Model {
+                directory: d,
+                services: s,
+                policies,
+                deny_lists,
+            } = m;
             let addresses = d.replace_workloads(file.workloads);
+            *policies = file
+                .policies
+                .iter()
+                .map(|p| {
+                    let def = PolicyDef::of(p, td);
+                    (def.name.clone(), Arc::new(def))
+                })
+                .collect();
+            *deny_lists = file
+                .deny_lists
+                .into_iter()
+                .map(|l| (l.metadata.name.clone().unwrap_or_default(), l))
+                .collect();
             let mut defs = Vec::new();
             let mut slices = Vec::new();
             for (key, def, service_slices) in file.services {
@@ -219,22 +378,30 @@ impl Discovery {
             Touched {
                 addresses,
                 services,
+                policies: PolicyScope::everyone(),
+                deny_lists: true,
             }
         });
     }
 
     /// Changes the model with `change` and broadcasts the resolutions of
     /// what it touched that changed, under one lock.
-    fn update(&self, change: impl FnOnce(&mut Directory, &mut Services, &TrustDomain) -> Touched) {
+    fn update(&self, change: impl FnOnce(&mut Model, &TrustDomain) -> Touched) {
         let mut guard = self.lock();
         let Published {
-            directory,
-            services,
+            model,
             resolutions,
             published_services,
+            deny_list,
             snapshot,
         } = &mut *guard;
-        let mut touched = change(directory, services, &self.trust_domain);
+        let mut touched = change(model, &self.trust_domain);
+        let Model {
+            directory,
+            services,
+            deny_lists,
+            ..
+        } = model;
         let mut changes = Change::default();
         for address in touched.addresses {
             let now = directory.resolve(address);
@@ -261,10 +428,31 @@ impl Discovery {
             };
             changes.services.push((cluster_ip, now));
         }
-        if changes.addresses.is_empty() && changes.services.is_empty() {
+        if touched.deny_lists {
+            let merged = DenyDef::of(deny_lists.values(), &self.trust_domain);
+            for problem in &merged.problems {
+                tracing::warn!(%problem, "policy: a deny list entry is not an identity of the mesh");
+            }
+            let now = merged.wire();
+            if now.version != deny_list.version {
+                *deny_list = Arc::new(now);
+                changes.deny_list = Some(deny_list.clone());
+            }
+        }
+        changes.policies = touched.policies;
+        let policies_moved = changes.policies.all
+            || !changes.policies.pods.is_empty()
+            || !changes.policies.namespaces.is_empty();
+        if changes.addresses.is_empty()
+            && changes.services.is_empty()
+            && changes.deny_list.is_none()
+            && !policies_moved
+        {
             return;
         }
-        *snapshot = None;
+        if !changes.addresses.is_empty() || !changes.services.is_empty() {
+            *snapshot = None;
+        }
         // No receiver is no error: no stream is open.
         let _ = self.changes.send(Arc::new(changes));
     }
@@ -315,7 +503,7 @@ impl Discovery {
 
     /// How many live pods claim an address.
     pub fn workloads(&self) -> usize {
-        self.lock().directory.workloads()
+        self.lock().model.directory.workloads()
     }
 
     /// How many addresses are known.
@@ -324,11 +512,11 @@ impl Discovery {
     }
 
     /// The one live, meshed pod at `address` whose identity is `identity`:
-    /// the pod a caller's stream is bound to. Returns its `namespace/name`.
-    pub fn bind(&self, address: IpAddr, identity: &SpiffeId) -> Result<String, BindError> {
+    /// the pod a caller's stream is bound to.
+    pub fn bind(&self, address: IpAddr, identity: &SpiffeId) -> Result<Bound, BindError> {
         let published = self.lock();
-        let claimants = published.directory.claimants(address);
-        let [pod] = claimants.as_slice() else {
+        let claimants = published.model.directory.claimants(address);
+        let [(key, pod)] = claimants.as_slice() else {
             return Err(if claimants.is_empty() {
                 BindError::NoPod(address)
             } else {
@@ -336,13 +524,45 @@ impl Discovery {
             });
         };
         match &pod.claim {
-            Claim::Meshed(id) if id == identity => Ok(pod.name.clone()),
+            Claim::Meshed(id) if id == identity => Ok(Bound {
+                key: (*key).to_owned(),
+                name: pod.name.clone(),
+            }),
             _ => Err(BindError::OtherIdentity {
                 address,
                 pod: pod.name.clone(),
                 identity: identity.clone(),
             }),
         }
+    }
+
+    /// The policy of the pod tracked as `key` now; `None` when it is not a
+    /// live meshed pod.
+    pub fn pod_policy(&self, key: &str) -> Option<PodPolicy> {
+        let published = self.lock();
+        let model = &published.model;
+        let facts = model.directory.get(key)?.facts.as_ref()?;
+        let prefix = format!("{}/", facts.namespace);
+        let in_namespace = model
+            .policies
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, p)| &**p);
+        Some(pod_policy(facts, in_namespace, self.mesh_default))
+    }
+
+    /// The deny list now.
+    pub fn deny_list(&self) -> Arc<DenyList> {
+        self.lock().deny_list.clone()
+    }
+
+    /// How many policies and deny lists are known.
+    pub fn policy_resources(&self) -> (usize, usize) {
+        let published = self.lock();
+        (
+            published.model.policies.len(),
+            published.model.deny_lists.len(),
+        )
     }
 
     /// The sources have delivered a complete state at least once.
@@ -359,5 +579,22 @@ impl Discovery {
         let mut rx = self.synced.subscribe();
         // The sender lives in `self`: it cannot be dropped while we wait.
         let _ = rx.wait_for(|synced| *synced).await;
+    }
+}
+
+// === impl PolicyScope ===
+
+impl PolicyScope {
+    /// Every pod's policy.
+    pub fn everyone() -> Self {
+        Self {
+            all: true,
+            ..Self::default()
+        }
+    }
+
+    /// Whether the policy of the pod `key` in `namespace` may have changed.
+    pub fn covers(&self, key: &str, namespace: &str) -> bool {
+        self.all || self.pods.contains(key) || self.namespaces.contains(namespace)
     }
 }

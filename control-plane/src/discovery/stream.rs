@@ -18,6 +18,9 @@
 //! of a thousand sidecars costs a thousand parts in flight, not a thousand
 //! copies of the cluster. A stream that falls too far behind the broadcast
 //! gets a fresh snapshot instead of the changes it missed.
+//!
+//! The first part of every snapshot also carries the bound pod's policy and
+//! the deny list; after it, each is sent again only when its version moves.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -31,7 +34,10 @@ use palisade_proto::{
     SpiffeId,
     discovery::{
         encode, encode_ip, encode_service,
-        v1::{WatchRequest, WatchResponse, discovery_server::Discovery as DiscoveryApi},
+        v1::{
+            DenyList, PodPolicy, WatchRequest, WatchResponse,
+            discovery_server::Discovery as DiscoveryApi,
+        },
     },
 };
 use palisade_runtime::verifier::spiffe_id;
@@ -81,6 +87,12 @@ struct Watch {
     address: IpAddr,
     identity: SpiffeId,
     pod: String,
+    /// The bound pod's key and namespace: whose policy this stream sends.
+    pod_key: String,
+    namespace: String,
+    /// The versions last sent.
+    policy_version: String,
+    deny_version: String,
     expires: tokio::time::Instant,
     ended: bool,
     _active: ActiveStream,
@@ -197,6 +209,7 @@ impl DiscoveryService {
             ));
         }
         let (snapshot, changes) = self.discovery.subscribe();
+        let namespace = pod.name.split('/').next().unwrap_or_default().to_owned();
         Ok(Watch {
             discovery: self.discovery.clone(),
             metrics: self.metrics.clone(),
@@ -204,7 +217,11 @@ impl DiscoveryService {
             snapshot: Some(Sending::new(snapshot)),
             address,
             identity: identity.clone(),
-            pod,
+            pod: pod.name,
+            pod_key: pod.key,
+            namespace,
+            policy_version: String::new(),
+            deny_version: String::new(),
             expires: tokio::time::Instant::now() + left,
             ended: false,
             _active: self.metrics.stream_opened(),
@@ -233,9 +250,17 @@ impl Watch {
             return None;
         }
         if let Some(sending) = &mut self.snapshot {
-            let part = sending.next_part();
+            let first = sending.addresses == 0 && sending.services == 0;
+            let mut part = sending.next_part();
             if !part.partial {
                 self.snapshot = None;
+            }
+            if first {
+                // Asked after subscribing: a change in between is sent
+                // again, never missed.
+                part.policy = self.discovery.pod_policy(&self.pod_key);
+                part.deny_list = Some((*self.discovery.deny_list()).clone());
+                self.sent(part.policy.as_ref(), part.deny_list.as_ref());
             }
             return Some(Ok(part));
         }
@@ -247,7 +272,12 @@ impl Watch {
                 )))
             }
             received = self.changes.recv() => match received {
-                Ok(changes) => Some(self.changed(&changes)),
+                Ok(changes) => match self.changed(&changes) {
+                    Ok(Some(message)) => Some(Ok(message)),
+                    // Nothing of this batch concerns this stream.
+                    Ok(None) => Box::pin(self.next()).await,
+                    Err(status) => Some(Err(status)),
+                },
                 Err(RecvError::Lagged(missed)) => {
                     debug!(missed, pod = %self.pod, "discovery: stream fell behind; sending a fresh snapshot");
                     self.metrics.stream_resynced();
@@ -266,13 +296,17 @@ impl Watch {
 
     /// One batch as a message; the stream ends instead when the batch moved
     /// the caller's own address away from its pod.
-    fn changed(&mut self, changes: &Changes) -> Result<WatchResponse, Status> {
-        if changes.addresses.iter().any(|(a, _)| *a == self.address)
-            && let Err(error) = self.discovery.bind(self.address, &self.identity)
-        {
-            info!(pod = %self.pod, %error, "discovery: the caller's pod is gone; ending its stream");
-            self.end(StreamEnd::Unbound);
-            return Err(Status::permission_denied(error.to_string()));
+    fn changed(&mut self, changes: &Changes) -> Result<Option<WatchResponse>, Status> {
+        if changes.addresses.iter().any(|(a, _)| *a == self.address) {
+            match self.discovery.bind(self.address, &self.identity) {
+                // Another pod of the same identity may have taken over.
+                Ok(bound) => self.pod_key = bound.key,
+                Err(error) => {
+                    info!(pod = %self.pod, %error, "discovery: the caller's pod is gone; ending its stream");
+                    self.end(StreamEnd::Unbound);
+                    return Err(Status::permission_denied(error.to_string()));
+                }
+            }
         }
         let mut message = WatchResponse::default();
         for (address, resolution) in &changes.addresses {
@@ -287,8 +321,34 @@ impl Watch {
                 None => message.removed_services.push(encode_ip(*address)),
             }
         }
+        if changes.policies.covers(&self.pod_key, &self.namespace) {
+            message.policy = self
+                .discovery
+                .pod_policy(&self.pod_key)
+                .filter(|p| p.version != self.policy_version);
+        }
+        message.deny_list = changes
+            .deny_list
+            .as_ref()
+            .filter(|d| d.version != self.deny_version)
+            .map(|d| (**d).clone());
+        self.sent(message.policy.as_ref(), message.deny_list.as_ref());
+        if message == WatchResponse::default() {
+            return Ok(None);
+        }
         self.metrics.update_sent();
-        Ok(message)
+        Ok(Some(message))
+    }
+
+    /// Notes the versions of what is being sent.
+    fn sent(&mut self, policy: Option<&PodPolicy>, deny_list: Option<&DenyList>) {
+        if let Some(policy) = policy {
+            debug!(pod = %self.pod, version = %policy.version, policies = policy.policies.len(), "discovery: sending the pod's policy");
+            self.policy_version.clone_from(&policy.version);
+        }
+        if let Some(deny_list) = deny_list {
+            self.deny_version.clone_from(&deny_list.version);
+        }
     }
 
     fn end(&mut self, why: StreamEnd) {
