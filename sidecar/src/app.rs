@@ -64,8 +64,9 @@ impl App {
         let policy = match &config.policy {
             Some(path) => PolicyStore::load(path, config.trust_domain.clone())
                 .context("loading the authorization policy")?,
-            None => PolicyStore::fixed(Policy::allow_all()),
+            None => PolicyStore::fixed(Policy::mesh_default(config.default_action)),
         };
+        metrics.policy_in_force(&policy.current());
         let proxy = Arc::new(Proxy::new(
             store,
             Arc::new(policy),
@@ -183,7 +184,8 @@ impl App {
                 proxy.store.clone(),
                 proxy.destinations.clone(),
                 proxy.metrics.clone(),
-            );
+            )
+            .with_policy(proxy.policy.clone());
             tasks.spawn(client.run(stop.clone()));
         }
         if let Some(path) = config.policy.clone() {
@@ -191,7 +193,10 @@ impl App {
             tasks.spawn(async move {
                 reload_on_change(&path, stop.cancelled(), || match proxy.policy.reload() {
                     Ok(false) => {}
-                    Ok(true) => info!(file = %path.display(), "loaded a new authorization policy"),
+                    Ok(true) => {
+                        proxy.metrics.policy_in_force(&proxy.policy.current());
+                        info!(file = %path.display(), "loaded a new authorization policy");
+                    }
                     Err(error) => warn!(%error, "refused the changed policy; the previous policy stays in use"),
                 })
                 .await;

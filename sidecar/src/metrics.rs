@@ -14,7 +14,10 @@ use prometheus::{
     Gauge, GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry,
 };
 
-use crate::discovery::Refusal;
+use crate::{
+    discovery::Refusal,
+    policy::{Decision, Policy, Verdict},
+};
 
 /// The `reason` of a successful handshake.
 pub const HANDSHAKE_OK: &str = "ok";
@@ -123,7 +126,9 @@ pub struct Metrics {
     opened: IntCounterVec,
     active: IntGaugeVec,
     bytes: IntCounterVec,
-    authz_denied: IntCounterVec,
+    authz: IntCounterVec,
+    policy_info: IntGaugeVec,
+    connections_revoked: IntCounter,
     cert_expiration: GaugeVec,
     cert_not_before: GaugeVec,
     renewals: IntCounterVec,
@@ -209,10 +214,23 @@ impl Metrics {
                 Label::closed::<Flow>("flow"),
             ],
         )?;
-        let authz_denied = f.counter_vec(
-            "palisade_authz_denied_total",
-            "Inbound connections refused by the authorization policy.",
-            vec![Label::open("port"), Label::open("peer_identity")],
+        let authz = f.counter_vec(
+            "palisade_authz_decisions_total",
+            "Inbound connections judged by the authorization policy, by decision (allow, deny, audit_deny), app port (declared or in a rule, else other) and the policy that decided.",
+            vec![
+                Label::closed::<Verdict>("decision"),
+                Label::open("port"),
+                Label::open("policy"),
+            ],
+        )?;
+        let policy_info = f.int_gauge_vec(
+            "palisade_policy_info",
+            "1 for the authorization policy in force: its source (file, mesh-default, kubernetes) and version.",
+            vec![Label::open("source"), Label::open("version")],
+        )?;
+        let connections_revoked = f.int_counter(
+            "palisade_connections_revoked_total",
+            "Established connections closed because the deny list came to name their peer.",
         )?;
         let cert_expiration = f.gauge_vec(
             "palisade_cert_expiration_timestamp_seconds",
@@ -305,7 +323,9 @@ impl Metrics {
             opened,
             active,
             bytes,
-            authz_denied,
+            authz,
+            policy_info,
+            connections_revoked,
             cert_expiration,
             cert_not_before,
             renewals,
@@ -365,11 +385,29 @@ impl Metrics {
         }
     }
 
-    /// Counts an authorization denial.
-    pub fn authz_denied(&self, port: u16, peer: &str) {
-        self.authz_denied
-            .with_label_values(&[&port.to_string(), peer])
+    /// Counts an authorization decision; `port` is `None` for `other`.
+    pub fn authz(&self, decision: &Decision, port: Option<u16>) {
+        let port = match port {
+            Some(p) => p.to_string(),
+            None => String::from("other"),
+        };
+        self.authz
+            .with_label_values(&[decision.verdict.as_str(), &port, &decision.policy])
             .inc();
+    }
+
+    /// Records the policy now in force.
+    pub fn policy_in_force(&self, policy: &Policy) {
+        self.policy_info.reset();
+        let source: &'static str = policy.source().into();
+        self.policy_info
+            .with_label_values(&[source, policy.version()])
+            .set(1);
+    }
+
+    /// Counts a connection closed by the deny list.
+    pub fn connection_revoked(&self) {
+        self.connections_revoked.inc();
     }
 
     /// Records the certificate now in use.

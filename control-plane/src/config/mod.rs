@@ -192,7 +192,7 @@ mod tests {
         let log = cli.log.config();
         match cli.command {
             Command::Serve(args) => args.into_config(log).map_err(|e| e.to_string()),
-            Command::Ca(_) => Err("wrong subcommand".into()),
+            Command::Ca(_) | Command::Crds => Err("wrong subcommand".into()),
         }
     }
 

@@ -11,6 +11,8 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::policy::resources::Action;
+
 /// Everything the webhook needs to build the two containers of a pod.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -48,6 +50,10 @@ pub struct SidecarTemplate {
     /// The default inbound mode; the pod annotation `palisade.io/inbound-mode` overrides it.
     #[serde(default)]
     pub inbound_mode: InboundMode,
+    /// The mesh-wide action on ports no rule covers, until discovery
+    /// delivers the pod's policy (the chart's `policy.defaultAction`).
+    #[serde(default = "allow")]
+    pub default_action: Action,
     /// Whether the sidecar opens the discovery stream and decides outbound
     /// per destination from it (the chart's `discovery.enabled`).
     #[serde(default = "yes")]
@@ -111,6 +117,10 @@ pub enum PullPolicy {
     #[default]
     IfNotPresent,
     Never,
+}
+
+fn allow() -> Action {
+    Action::Allow
 }
 
 /// The sidecar's inbound mode.

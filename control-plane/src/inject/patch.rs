@@ -11,6 +11,8 @@ use json_patch::{AddOperation, Patch, PatchOperation};
 use palisade_proto::{SpiffeId, TrustDomain};
 use serde_json::{Value, json};
 
+use crate::policy::resources::Action;
+
 use super::{
     ReviewReason,
     config::{InboundMode, InjectionConfig},
@@ -331,6 +333,14 @@ fn sidecar_container(config: &InjectionConfig, s: &Settings<'_>) -> Value {
             if sidecar.discovery { "true" } else { "false" },
         ),
         env_var("PALISADE_OUTBOUND_MODE", sidecar.outbound_mode.as_str()),
+        // The mesh default until discovery delivers the pod's policy.
+        env_var(
+            "PALISADE_DEFAULT_ACTION",
+            match sidecar.default_action {
+                Action::Allow => "allow",
+                Action::Deny => "deny",
+            },
+        ),
         // Both families: init captures IPv6 too, and a pod without IPv6 just
         // skips those listeners.
         env_var("PALISADE_OUTBOUND_ADDR", "127.0.0.1:15001,[::1]:15001"),

@@ -37,6 +37,7 @@ pub use self::{
 };
 use crate::{
     discovery::StreamConfig,
+    policy::DefaultAction,
     proxy::{Limits, inbound::InboundTarget, outbound::OutboundTarget},
     tls::TlsSettings,
 };
@@ -73,9 +74,17 @@ pub struct RunArgs {
     pub identity: IdentityArgs,
     #[command(flatten)]
     pub listeners: ListenerArgs,
-    /// Authorization policy file (YAML); watched. Without it every peer is allowed.
+    /// Authorization policy file (YAML); watched. For use without discovery, which delivers the policy of the pod instead.
     #[arg(long, env = "PALISADE_POLICY", value_name = "FILE")]
     pub policy: Option<PathBuf>,
+    /// The mesh-wide action on every port without --policy, until discovery delivers the pod's policy: allow or deny.
+    #[arg(
+        long,
+        env = "PALISADE_DEFAULT_ACTION",
+        value_enum,
+        default_value = "allow"
+    )]
+    pub default_action: DefaultAction,
     /// Address of the admin server (/metrics, /ready, /live, /config).
     #[arg(long, env = "PALISADE_ADMIN_ADDR", default_value = "0.0.0.0:15020")]
     pub admin_addr: SocketAddr,
@@ -97,6 +106,8 @@ pub struct RunConfig {
     /// (address, target) of every outbound listener.
     pub outbound: Listeners<OutboundTarget>,
     pub policy: Option<PathBuf>,
+    /// The default before a policy arrives, without `policy`.
+    pub default_action: DefaultAction,
     pub admin_addr: SocketAddr,
     pub limits: Limits,
     pub max_connections: usize,
@@ -148,12 +159,20 @@ impl RunArgs {
             }),
             _ => None,
         };
+        if let (Some(path), Some(_)) = (&self.policy, &discovery) {
+            return Err(ConfigError {
+                flag: "--policy",
+                value: path.display().to_string(),
+                why: "with --discovery the control plane delivers the pod's policy; the file is for use without discovery",
+            });
+        }
         Ok(RunConfig {
             discovery,
             credentials,
             inbound,
             outbound,
             policy: self.policy,
+            default_action: self.default_action,
             admin_addr: self.admin_addr,
             limits: self.limits.limits(),
             max_connections: self.limits.max_connections()?,

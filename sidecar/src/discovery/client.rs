@@ -17,7 +17,7 @@
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use palisade_proto::discovery::v1::{
-    WatchRequest, discovery_client::DiscoveryClient as GrpcClient,
+    WatchRequest, WatchResponse, discovery_client::DiscoveryClient as GrpcClient,
 };
 use palisade_runtime::metrics::Outcome;
 use rustls::{
@@ -36,6 +36,7 @@ use super::{ApplyError, Destinations};
 use crate::{
     identity::refresh::Schedule,
     metrics::{Known, Metrics},
+    policy::{DenyList, Policy, PolicyStore},
     tls::{CertStore, TlsConfigs, store::Fixed},
 };
 
@@ -75,6 +76,8 @@ pub struct DiscoveryClient {
     config: StreamConfig,
     store: Arc<CertStore>,
     destinations: Arc<Destinations>,
+    /// Where the delivered policy and deny list go; `None`: ignored.
+    policy: Option<Arc<PolicyStore>>,
     metrics: Metrics,
 }
 
@@ -120,7 +123,60 @@ impl DiscoveryClient {
             config,
             store,
             destinations,
+            policy: None,
             metrics,
+        }
+    }
+
+    /// Puts the policy and deny list the stream delivers into `policy`.
+    #[must_use]
+    pub fn with_policy(mut self, policy: Arc<PolicyStore>) -> Self {
+        self.policy = Some(policy);
+        self
+    }
+
+    /// Puts a delivered policy or deny list in use. A bad one is refused,
+    /// counted and logged, and the one in use stays: the stream goes on.
+    fn apply_policy(&self, message: &WatchResponse) {
+        let Some(store) = &self.policy else {
+            return;
+        };
+        let trust_domain = self.store.trust_domain();
+        if let Some(delivered) = &message.policy {
+            match Policy::from_wire(delivered, trust_domain) {
+                Ok(policy) => {
+                    info!(
+                        version = policy.version(),
+                        policies = delivered.policies.len(),
+                        mode = ?policy.mode(),
+                        "policy: the control plane's policy for this pod is in force"
+                    );
+                    self.metrics.policy_in_force(&policy);
+                    store.set(policy);
+                }
+                Err(error) => {
+                    self.metrics
+                        .discovery_update(Outcome::Failure, false, Known::default());
+                    warn!(%error, "policy: refused the delivered policy; the one in use stays");
+                }
+            }
+        }
+        if let Some(delivered) = &message.deny_list {
+            match DenyList::from_wire(delivered, trust_domain) {
+                Ok(list) => {
+                    info!(
+                        version = list.version(),
+                        entries = list.len(),
+                        "policy: the deny list is in force"
+                    );
+                    store.set_deny_list(list);
+                }
+                Err(error) => {
+                    self.metrics
+                        .discovery_update(Outcome::Failure, false, Known::default());
+                    warn!(%error, "policy: refused the delivered deny list; the one in use stays");
+                }
+            }
         }
     }
 
@@ -219,6 +275,7 @@ impl DiscoveryClient {
                     );
                 }
             };
+            self.apply_policy(&message);
             match self.destinations.apply(&message) {
                 Ok(applied) if applied.partial => {
                     debug!(set = applied.set, "discovery: a part of a snapshot");

@@ -34,6 +34,15 @@
 //! Matching runs for every inbound connection, so the file is compiled into,
 //! per port, a hash set of exact IDs and a hash set of namespaces: a check is
 //! two hash lookups and allocates nothing.
+//!
+//! On Kubernetes the policy comes over the discovery stream instead
+//! ([`delivered`]: the policy resources selecting the pod, combined by one
+//! rule), with the mesh-wide deny list ([`deny`]). Every decision names what
+//! made it (`policy` label): `<namespace>/<name>` of a resource,
+//! `mesh-default`, `file`, or `deny-list`.
+
+pub mod delivered;
+pub mod deny;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -46,9 +55,22 @@ use arc_swap::{ArcSwap, Guard};
 use palisade_proto::{SpiffeId, SpiffeIdError, TrustDomain};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+pub use self::deny::DenyList;
+use crate::proxy::inbound::Mode;
+
+/// The `policy` label of a decision the file made.
+pub const FILE: &str = "file";
+/// The `policy` label of a decision the mesh-wide default made.
+pub const MESH_DEFAULT: &str = "mesh-default";
+/// The `policy` label of a refusal by the deny list.
+pub const DENY_LIST: &str = "deny-list";
 
 /// What happens to connections to a port that no rule covers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum DefaultAction {
     /// Every peer is allowed, with or without an identity.
@@ -57,23 +79,76 @@ pub enum DefaultAction {
     Deny,
 }
 
-/// A parsed policy.
+/// The verdict on one connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum Verdict {
+    Allow,
+    Deny,
+    /// Allowed, but a policy in audit mode would have refused it.
+    AuditDeny,
+}
+
+/// A verdict and what made it (the `policy` label).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    pub policy: Arc<str>,
+}
+
+/// Where the policy in force comes from (`palisade_policy_info{source}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr)]
+#[strum(serialize_all = "kebab-case")]
+pub enum PolicySource {
+    /// The `--policy` file.
+    File,
+    /// The mesh-wide default, before the control plane sent a policy.
+    MeshDefault,
+    /// The policy resources, over the discovery stream.
+    Kubernetes,
+}
+
+/// A compiled policy: what is enforced, and what audit-mode policies would
+/// refuse on top of it.
 #[derive(Debug)]
 pub struct Policy {
-    default: DefaultAction,
+    source: PolicySource,
+    /// `palisade_policy_info{version}`.
+    version: String,
+    /// The inbound mode; `None`: the sidecar's `--inbound-mode` (the file,
+    /// and the mesh default before the first delivered policy).
+    mode: Option<Mode>,
+    /// Set when the enforced mode is permissive but audit-mode policies ask
+    /// for strict: the policy that asks.
+    audit_strict: Option<Arc<str>>,
+    enforced: Layer,
+    /// Enforced and audit-mode policies together; `None` without audit.
+    audited: Option<Layer>,
     /// The trust domain namespace entries belong to; `None` only without rules.
     trust_domain: Option<TrustDomain>,
-    /// Each covered port to its rule; the ports of one rule share it.
-    by_port: HashMap<u16, Arc<Rule>>,
+    /// Ports the `port` label names (declared or in a rule); others are `other`.
+    labelled_ports: HashSet<u16>,
     rule_count: usize,
 }
 
-/// A policy file, watched and hot-reloaded; the hot path reads it without locking (arc-swap).
+/// One combination of rules and a default.
+#[derive(Debug)]
+struct Layer {
+    default: DefaultAction,
+    /// Who set the default.
+    default_by: Arc<str>,
+    /// Each covered port to its rule; the ports of one rule may share it.
+    by_port: HashMap<u16, Arc<Rule>>,
+}
+
+/// The policy in use (a watched file, or what discovery delivers) and the
+/// deny list; the hot path reads both without locking (arc-swap, watch).
 #[derive(Debug)]
 pub struct PolicyStore {
     current: ArcSwap<Policy>,
     /// Where the policy comes from; `None` for a fixed policy.
     source: Option<Source>,
+    deny_list: watch::Sender<Arc<DenyList>>,
 }
 
 /// Why a policy was not loaded.
@@ -138,11 +213,14 @@ pub enum PolicyError {
     },
 }
 
-/// The peers one rule allows.
-#[derive(Debug, Default)]
+/// The peers one port allows, each with the policy that allows it.
+#[derive(Debug)]
 struct Rule {
-    exact: HashSet<SpiffeId>,
-    namespaces: HashSet<String>,
+    exact: HashMap<SpiffeId, Arc<str>>,
+    namespaces: HashMap<String, Arc<str>>,
+    /// Who refuses the peers not allowed: the first policy with a rule on
+    /// the port.
+    by: Arc<str>,
 }
 
 /// One entry of a rule's `allow` list, parsed.
@@ -202,16 +280,17 @@ impl Policy {
             .map_err(|e| PolicyError::Syntax(e.without_snippet().to_string()))?;
 
         let mut by_port = HashMap::new();
+        let by: Arc<str> = Arc::from(FILE);
         // Which rule covers each port, to name both in a duplicate error.
         let mut covered_by: HashMap<u16, usize> = HashMap::new();
         for (i, file_rule) in file.rules.iter().enumerate() {
             let rule_no = i + 1;
             let ports = file_rule.ports(rule_no)?;
-            let mut rule = Rule::default();
+            let mut rule = Rule::new(by.clone());
             for (j, value) in file_rule.allow.iter().enumerate() {
                 match Entry::parse(value, trust_domain, rule_no, j + 1)? {
-                    Entry::Exact(id) => rule.exact.insert(id),
-                    Entry::Namespace(ns) => rule.namespaces.insert(ns),
+                    Entry::Exact(id) => rule.exact.insert(id, by.clone()),
+                    Entry::Namespace(ns) => rule.namespaces.insert(ns, by.clone()),
                 };
             }
             let rule = Arc::new(rule);
@@ -236,52 +315,158 @@ impl Policy {
                 by_port.insert(port, rule.clone());
             }
         }
+        let labelled_ports = by_port.keys().copied().collect();
         Ok(Policy {
-            default: file.default,
+            source: PolicySource::File,
+            version: hex::encode(&Sha256::digest(yaml.as_bytes())[..6]),
+            mode: None,
+            audit_strict: None,
+            enforced: Layer {
+                default: file.default,
+                default_by: by,
+                by_port,
+            },
+            audited: None,
             trust_domain: Some(trust_domain.clone()),
-            by_port,
+            labelled_ports,
             rule_count: file.rules.len(),
         })
     }
 
     /// Allows everything: `default: allow` and no rules, for when no file is configured.
     pub fn allow_all() -> Policy {
+        Self::mesh_default(DefaultAction::Allow)
+    }
+
+    /// The mesh-wide default before the control plane sent a policy: no
+    /// rules, `default` on every port, the sidecar's own inbound mode.
+    pub fn mesh_default(default: DefaultAction) -> Policy {
         Policy {
-            default: DefaultAction::Allow,
+            source: PolicySource::MeshDefault,
+            version: String::from(match default {
+                DefaultAction::Allow => "allow",
+                DefaultAction::Deny => "deny",
+            }),
+            mode: None,
+            audit_strict: None,
+            enforced: Layer {
+                default,
+                default_by: Arc::from(MESH_DEFAULT),
+                by_port: HashMap::new(),
+            },
+            audited: None,
             trust_domain: None,
-            by_port: HashMap::new(),
+            labelled_ports: HashSet::new(),
             rule_count: 0,
         }
     }
 
-    /// Whether `peer` (`None`: no verified identity) may connect to `port`.
-    pub fn allows(&self, port: u16, peer: Option<&SpiffeId>) -> bool {
-        // Hot path: hash lookups on borrowed keys (`u16`, `&SpiffeId`, `&str`
-        // slices of the peer's ID) and nothing else; it must never allocate.
-        let Some(rule) = self.by_port.get(&port) else {
-            return self.default == DefaultAction::Allow;
-        };
-        let Some(peer) = peer else {
-            return false;
-        };
-        if rule.exact.contains(peer) {
-            return true;
+    /// The verdict on `peer` (`None`: no verified identity) connecting to
+    /// `port`, and what made it.
+    pub fn decide(&self, port: u16, peer: Option<&SpiffeId>) -> Decision {
+        // Hot path: hash lookups on borrowed keys and one reference count.
+        let td = self.trust_domain.as_ref();
+        let (allowed, by) = self.enforced.decide(port, peer, td);
+        if !allowed {
+            return Decision {
+                verdict: Verdict::Deny,
+                policy: by.clone(),
+            };
         }
-        let in_trust_domain = self
-            .trust_domain
-            .as_ref()
-            .is_some_and(|td| peer.is_member_of(td));
-        in_trust_domain && namespace_of(peer).is_some_and(|ns| rule.namespaces.contains(ns))
+        let audit = match (&self.audit_strict, peer) {
+            (Some(strict), None) => Some(strict),
+            _ => self.audited.as_ref().and_then(|layer| {
+                let (allowed, by) = layer.decide(port, peer, td);
+                (!allowed).then_some(by)
+            }),
+        };
+        match audit {
+            Some(by) => Decision {
+                verdict: Verdict::AuditDeny,
+                policy: by.clone(),
+            },
+            None => Decision {
+                verdict: Verdict::Allow,
+                policy: by.clone(),
+            },
+        }
+    }
+
+    /// Whether `peer` may connect to `port` (an audit-mode refusal allows).
+    pub fn allows(&self, port: u16, peer: Option<&SpiffeId>) -> bool {
+        self.decide(port, peer).verdict != Verdict::Deny
     }
 
     /// What happens on ports no rule covers.
     pub fn default_action(&self) -> DefaultAction {
-        self.default
+        self.enforced.default
+    }
+
+    /// The inbound mode it sets; `None`: the sidecar's own.
+    pub fn mode(&self) -> Option<Mode> {
+        self.mode
+    }
+
+    /// Where it comes from.
+    pub fn source(&self) -> PolicySource {
+        self.source
+    }
+
+    /// Its version (a digest).
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// `port` if the `port` label may name it, else `None` (`other`).
+    pub fn labelled_port(&self, port: u16) -> Option<u16> {
+        self.labelled_ports.contains(&port).then_some(port)
     }
 
     /// How many rules the policy has.
     pub fn rule_count(&self) -> usize {
         self.rule_count
+    }
+}
+
+// === impl Layer ===
+
+impl Layer {
+    /// Whether `peer` may connect to `port` here, and who says so.
+    fn decide(
+        &self,
+        port: u16,
+        peer: Option<&SpiffeId>,
+        trust_domain: Option<&TrustDomain>,
+    ) -> (bool, &Arc<str>) {
+        let Some(rule) = self.by_port.get(&port) else {
+            return (self.default == DefaultAction::Allow, &self.default_by);
+        };
+        let Some(peer) = peer else {
+            return (false, &rule.by);
+        };
+        if let Some(by) = rule.exact.get(peer) {
+            return (true, by);
+        }
+        let in_trust_domain = trust_domain.is_some_and(|td| peer.is_member_of(td));
+        let by_namespace = namespace_of(peer)
+            .filter(|_| in_trust_domain)
+            .and_then(|ns| rule.namespaces.get(ns));
+        match by_namespace {
+            Some(by) => (true, by),
+            None => (false, &rule.by),
+        }
+    }
+}
+
+// === impl Rule ===
+
+impl Rule {
+    fn new(by: Arc<str>) -> Self {
+        Self {
+            exact: HashMap::new(),
+            namespaces: HashMap::new(),
+            by,
+        }
     }
 }
 
@@ -392,15 +577,38 @@ impl PolicyStore {
                 trust_domain,
                 digest: Mutex::new(digest),
             }),
+            deny_list: watch::Sender::new(Arc::new(DenyList::empty())),
         })
     }
 
-    /// A policy that never changes (no file is configured).
+    /// A policy no file changes: fixed, or replaced by discovery ([`Self::set`]).
     pub fn fixed(policy: Policy) -> Self {
         Self {
             current: ArcSwap::from_pointee(policy),
             source: None,
+            deny_list: watch::Sender::new(Arc::new(DenyList::empty())),
         }
+    }
+
+    /// Puts `policy` in use for new connections.
+    pub fn set(&self, policy: Policy) {
+        self.current.store(Arc::new(policy));
+    }
+
+    /// Puts `deny_list` in use; connections of identities it denies are
+    /// told ([`Self::deny_list`]).
+    pub fn set_deny_list(&self, deny_list: DenyList) {
+        self.deny_list.send_replace(Arc::new(deny_list));
+    }
+
+    /// The deny list in use, to check or to follow.
+    pub fn deny_list(&self) -> watch::Receiver<Arc<DenyList>> {
+        self.deny_list.subscribe()
+    }
+
+    /// Whether the deny list in use refuses `peer`.
+    pub fn denied(&self, peer: &SpiffeId) -> bool {
+        self.deny_list.borrow().denies(peer)
     }
 
     /// The policy in use. Lock-free and cheap; drop the guard soon (use it for

@@ -1,10 +1,12 @@
 //! Inbound: a peer connects to this pod. A ClientHello offering `palisade/1`
 //! is terminated with a required client certificate; anything else is the
 //! app's own traffic, passed through in `permissive` mode and refused in
-//! `strict` mode. Then the authorization policy, then the app.
+//! `strict` mode. Then the deny list and the authorization policy, then the
+//! app. A connection whose peer the deny list comes to name later is closed.
 
 use std::{collections::HashSet, net::SocketAddr, sync::Arc};
 
+use palisade_proto::SpiffeId;
 use serde::Serialize;
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
@@ -21,6 +23,7 @@ use super::{
 };
 use crate::{
     metrics::{Direction::Inbound, HandshakeFailure, LabelValue, Security},
+    policy::{DENY_LIST, Decision, Verdict},
     tls::spiffe_id,
 };
 
@@ -92,6 +95,8 @@ async fn classify(
             mode,
             server_first_ports,
         } => {
+            // A delivered policy sets the mode; else the sidecar's own.
+            let mode = &proxy.policy.current().mode().unwrap_or(*mode);
             if server_first_ports.contains(&port) {
                 // The client waits for the server: nothing to detect.
                 return match mode {
@@ -173,30 +178,65 @@ async fn mesh(
     };
     tracing::Span::current().record("identity", tracing::field::display(&peer));
 
-    if !proxy.policy.current().allows(app.port(), Some(&peer)) {
-        proxy.metrics.authz_denied(app.port(), peer.as_str());
-        info!(%peer, port = app.port(), "authorization policy denied the connection");
+    if !authorize(proxy, app.port(), Some(&peer)) {
         let _ = tokio::time::timeout(proxy.limits.handshake, tls.shutdown()).await;
         return;
     }
-    to_app(proxy, tls, app, Some(peer.as_str())).await;
+    to_app(proxy, tls, app, Some(&peer)).await;
 }
 
 /// Passes traffic that is not mesh TLS to the app (permissive mode).
 async fn plaintext(proxy: &Proxy, client: Client, app: SocketAddr) {
-    if !proxy.policy.current().allows(app.port(), None) {
-        proxy.metrics.authz_denied(app.port(), "");
-        info!(
-            port = app.port(),
-            "authorization policy denied a connection without identity"
-        );
+    if !authorize(proxy, app.port(), None) {
         return;
     }
     to_app(proxy, client, app, None).await;
 }
 
+/// Judges a connection by the deny list, then the policy; counts and logs
+/// the decision. Whether it may go on (an audit-mode refusal may).
+fn authorize(proxy: &Proxy, port: u16, peer: Option<&SpiffeId>) -> bool {
+    let policy = proxy.policy.current();
+    let decision = match peer {
+        Some(peer) if proxy.policy.denied(peer) => Decision {
+            verdict: Verdict::Deny,
+            policy: Arc::from(DENY_LIST),
+        },
+        _ => policy.decide(port, peer),
+    };
+    proxy.metrics.authz(&decision, policy.labelled_port(port));
+    let peer_id = peer.map(SpiffeId::as_str).unwrap_or_default();
+    match decision.verdict {
+        Verdict::Allow => true,
+        Verdict::AuditDeny => {
+            info!(peer = peer_id, port, policy = %decision.policy, "an audit-mode policy would refuse the connection; letting it through");
+            true
+        }
+        Verdict::Deny => {
+            info!(peer = peer_id, port, policy = %decision.policy, "authorization refused the connection");
+            false
+        }
+    }
+}
+
+/// Resolves once the deny list names `peer` (never without a peer).
+async fn revoked(proxy: &Proxy, peer: Option<&SpiffeId>) {
+    let Some(peer) = peer else {
+        return std::future::pending().await;
+    };
+    let mut deny_list = proxy.policy.deny_list();
+    loop {
+        if deny_list.borrow_and_update().denies(peer) {
+            return;
+        }
+        if deny_list.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
 /// Connects to the app and relays; `peer` is the verified identity, if any.
-async fn to_app<C>(proxy: &Proxy, client: C, app: SocketAddr, peer: Option<&str>)
+async fn to_app<C>(proxy: &Proxy, client: C, app: SocketAddr, peer: Option<&SpiffeId>)
 where
     C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -212,19 +252,19 @@ where
     } else {
         Security::Plaintext
     };
-    let _active = proxy
-        .metrics
-        .opened(Inbound, security, peer.unwrap_or_default());
-    debug!(peer = peer.unwrap_or_default(), "inbound connection open");
-    match relay(
-        client,
-        upstream,
-        &proxy.metrics.bytes(Inbound),
-        proxy.limits.idle,
-    )
-    .await
-    {
-        Ok((sent, received)) => debug!(sent, received, "inbound connection closed"),
-        Err(error) => debug!(%error, "inbound connection ended with an error"),
+    let peer_id = peer.map(SpiffeId::as_str).unwrap_or_default();
+    let _active = proxy.metrics.opened(Inbound, security, peer_id);
+    debug!(peer = peer_id, "inbound connection open");
+    let bytes = proxy.metrics.bytes(Inbound);
+    tokio::select! {
+        relayed = relay(client, upstream, &bytes, proxy.limits.idle) => match relayed {
+            Ok((sent, received)) => debug!(sent, received, "inbound connection closed"),
+            Err(error) => debug!(%error, "inbound connection ended with an error"),
+        },
+        // Dropping the relay closes both sides.
+        () = revoked(proxy, peer) => {
+            proxy.metrics.connection_revoked();
+            info!(peer = peer_id, "the deny list names the peer: closed its open connection");
+        }
     }
 }

@@ -209,6 +209,9 @@ impl State {
     /// no checks but that the kind is served.
     pub fn upsert(&mut self, mut object: Value) -> Result<Value, Status> {
         let id = self.kind_of(&object)?;
+        if self.registry.def(id).plural == "customresourcedefinitions" {
+            self.registry.register_crd(&object);
+        }
         // A seed says what the object is, not which version it was.
         let deletion = object["metadata"]["deletionTimestamp"].clone();
         if let Some(meta) = object["metadata"].as_object_mut() {

@@ -416,6 +416,7 @@ mod against_the_api_server {
     /// The `kubernetes` source following `api`, once it has synced (every
     /// kind listed), and its task.
     pub(super) async fn follow(api: &ApiServer) -> (Arc<Discovery>, tokio::task::JoinHandle<()>) {
+        install_policy_crds(api);
         let discovery = Discovery::new(td());
         assert!(!discovery.is_synced());
         let source = tokio::spawn(kubernetes::run(
@@ -427,6 +428,19 @@ mod against_the_api_server {
             .await
             .expect("synced after every kind is listed");
         (discovery, source)
+    }
+
+    /// The policy CRDs, as the chart installs them: without them the
+    /// source never syncs.
+    pub(super) fn install_policy_crds(api: &ApiServer) {
+        use kube::CustomResourceExt;
+        for crd in [
+            crate::policy::InboundPolicy::crd(),
+            crate::policy::IdentityDenyList::crd(),
+        ] {
+            api.upsert(serde_json::to_value(crd).expect("a CRD is JSON"))
+                .expect("the stand-in takes CRDs");
+        }
     }
 
     /// The next batch of changes that mentions `address`.
@@ -467,7 +481,7 @@ mod against_the_api_server {
             ]
         );
         assert_eq!(
-            discovery.bind(ip("198.18.0.2"), &id(B)),
+            discovery.bind(ip("198.18.0.2"), &id(B)).map(|b| b.name),
             Ok("shop/b".into())
         );
 
@@ -492,7 +506,10 @@ mod against_the_api_server {
             discovery.bind(ip("198.18.0.2"), &id(B)),
             Err(BindError::OtherIdentity { .. })
         ));
-        assert_eq!(discovery.bind(ip("198.18.0.2"), &m_id), Ok("evil/m".into()));
+        assert_eq!(
+            discovery.bind(ip("198.18.0.2"), &m_id).map(|b| b.name),
+            Ok("evil/m".into())
+        );
         assert_eq!(
             discovery.bind(ip("198.18.0.3"), &m_id),
             Err(BindError::NoPod(ip("198.18.0.3")))
