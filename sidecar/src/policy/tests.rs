@@ -497,3 +497,261 @@ fn a_fixed_store_has_no_file_and_never_reloads() {
     assert!(!store.reload().expect("nothing to reload"));
     assert!(store.current().allows(443, None));
 }
+
+// === the delivered policy: the combination rule ===
+
+mod delivered {
+    use palisade_proto::discovery::v1 as wire;
+
+    use super::{id, td};
+    use crate::{
+        policy::{DenyList, Policy, PolicySource, Verdict},
+        proxy::inbound::Mode,
+    };
+
+    const A: &str = "spiffe://cluster.local/ns/shop/sa/a";
+    const C: &str = "spiffe://cluster.local/ns/shop/sa/c";
+    const MON: &str = "spiffe://cluster.local/ns/monitoring/sa/prom";
+
+    fn policy(name: &str) -> wire::Policy {
+        wire::Policy {
+            name: name.into(),
+            ..wire::Policy::default()
+        }
+    }
+
+    fn rule(ports: &[u32], identities: &[&str], namespaces: &[&str]) -> wire::Rule {
+        wire::Rule {
+            ports: ports.to_vec(),
+            identities: identities.iter().map(|s| (*s).to_owned()).collect(),
+            namespaces: namespaces.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    fn pod(policies: Vec<wire::Policy>) -> wire::PodPolicy {
+        wire::PodPolicy {
+            version: "v1".into(),
+            default_mode: wire::InboundMode::Permissive as i32,
+            default_action: wire::Action::Allow as i32,
+            pod_strict: false,
+            policies,
+            declared_ports: vec![8080],
+        }
+    }
+
+    fn compile(message: &wire::PodPolicy) -> Policy {
+        Policy::from_wire(message, &td()).expect("a valid policy")
+    }
+
+    fn verdict(p: &Policy, port: u16, peer: Option<&str>) -> (Verdict, String) {
+        let d = p.decide(port, peer.map(id).as_ref());
+        (d.verdict, d.policy.to_string())
+    }
+
+    #[test]
+    fn no_policy_is_the_mesh_default() {
+        let p = compile(&pod(vec![]));
+        assert_eq!(p.source(), PolicySource::Kubernetes);
+        assert_eq!(p.mode(), Some(Mode::Permissive));
+        assert_eq!(
+            verdict(&p, 8080, Some(C)),
+            (Verdict::Allow, "mesh-default".into())
+        );
+        let mut deny = pod(vec![]);
+        deny.default_action = wire::Action::Deny as i32;
+        deny.default_mode = wire::InboundMode::Strict as i32;
+        let p = compile(&deny);
+        assert_eq!(p.mode(), Some(Mode::Strict));
+        assert_eq!(
+            verdict(&p, 8080, Some(A)),
+            (Verdict::Deny, "mesh-default".into())
+        );
+    }
+
+    #[test]
+    fn allows_are_united_across_policies_and_a_ruled_port_admits_only_them() {
+        let mut one = policy("shop/one");
+        one.rules.push(rule(&[8080], &[A], &[]));
+        let mut two = policy("shop/two");
+        two.rules.push(rule(&[8080, 9090], &[], &["monitoring"]));
+        let p = compile(&pod(vec![one, two]));
+        assert_eq!(
+            verdict(&p, 8080, Some(A)),
+            (Verdict::Allow, "shop/one".into())
+        );
+        assert_eq!(
+            verdict(&p, 8080, Some(MON)),
+            (Verdict::Allow, "shop/two".into())
+        );
+        assert_eq!(
+            verdict(&p, 9090, Some(MON)),
+            (Verdict::Allow, "shop/two".into())
+        );
+        // Named by a rule: only the rules' callers, whatever the default.
+        assert_eq!(
+            verdict(&p, 8080, Some(C)),
+            (Verdict::Deny, "shop/one".into())
+        );
+        assert_eq!(
+            verdict(&p, 9090, Some(A)),
+            (Verdict::Deny, "shop/two".into())
+        );
+        assert_eq!(verdict(&p, 8080, None), (Verdict::Deny, "shop/one".into()));
+        // No rule: the default (none set: the mesh's allow).
+        assert_eq!(
+            verdict(&p, 7000, Some(C)),
+            (Verdict::Allow, "mesh-default".into())
+        );
+        // `ns/monitoring` never matches another trust domain or a prefix.
+        assert_eq!(
+            verdict(&p, 9090, Some("spiffe://cluster.local/ns/monitoring2/sa/x")).0,
+            Verdict::Deny
+        );
+    }
+
+    #[test]
+    fn a_deny_default_wins_and_the_stricter_mode_wins() {
+        let mut allow = policy("shop/a-allow");
+        allow.default_action = wire::Action::Allow as i32;
+        allow.mode = wire::InboundMode::Permissive as i32;
+        let mut deny = policy("shop/b-deny");
+        deny.default_action = wire::Action::Deny as i32;
+        deny.mode = wire::InboundMode::Strict as i32;
+        let p = compile(&pod(vec![allow.clone(), deny]));
+        assert_eq!(
+            verdict(&p, 7000, Some(A)),
+            (Verdict::Deny, "shop/b-deny".into())
+        );
+        assert_eq!(p.mode(), Some(Mode::Strict));
+
+        // A policy loosens the mesh default for its pods; the pod's own
+        // annotation only tightens.
+        let mut strict_mesh = pod(vec![allow.clone()]);
+        strict_mesh.default_mode = wire::InboundMode::Strict as i32;
+        strict_mesh.default_action = wire::Action::Deny as i32;
+        let p = compile(&strict_mesh);
+        assert_eq!(p.mode(), Some(Mode::Permissive));
+        assert_eq!(
+            verdict(&p, 7000, None),
+            (Verdict::Allow, "shop/a-allow".into())
+        );
+        let mut annotated = pod(vec![allow]);
+        annotated.pod_strict = true;
+        assert_eq!(compile(&annotated).mode(), Some(Mode::Strict));
+    }
+
+    #[test]
+    fn audit_counts_what_it_would_refuse_and_refuses_nothing() {
+        let mut enforce = policy("shop/open");
+        enforce.rules.push(rule(&[8080], &[A, C], &[]));
+        let mut audit = policy("shop/tight");
+        audit.audit = true;
+        audit.default_action = wire::Action::Deny as i32;
+        audit.mode = wire::InboundMode::Strict as i32;
+        audit.rules.push(rule(&[8080], &[A], &[]));
+        let p = compile(&pod(vec![enforce.clone(), audit.clone()]));
+        // Its rules are united with the enforced ones: c stays allowed on
+        // 8080 (open allows it), and what only the audit policy refuses is
+        // counted.
+        assert_eq!(
+            verdict(&p, 8080, Some(C)),
+            (Verdict::Allow, "shop/open".into())
+        );
+        assert_eq!(
+            verdict(&p, 7000, Some(C)),
+            (Verdict::AuditDeny, "shop/tight".into())
+        );
+        // Its strict mode is not enforced, but a plaintext peer is counted.
+        assert_eq!(p.mode(), Some(Mode::Permissive));
+        assert_eq!(
+            verdict(&p, 7000, None),
+            (Verdict::AuditDeny, "shop/tight".into())
+        );
+        // What the enforced policies refuse stays refused.
+        assert_eq!(
+            verdict(&p, 8080, Some(MON)),
+            (Verdict::Deny, "shop/open".into())
+        );
+
+        // Alone, an audit policy changes nothing that passes.
+        let alone = compile(&pod(vec![audit.clone()]));
+        assert_eq!(
+            verdict(&alone, 8080, Some(C)),
+            (Verdict::AuditDeny, "shop/tight".into())
+        );
+        assert_eq!(
+            verdict(&alone, 8080, Some(A)),
+            (Verdict::Allow, "mesh-default".into())
+        );
+        // The same policy enforced refuses.
+        audit.audit = false;
+        let enforced = compile(&pod(vec![audit]));
+        assert_eq!(
+            verdict(&enforced, 8080, Some(C)),
+            (Verdict::Deny, "shop/tight".into())
+        );
+        assert_eq!(enforced.mode(), Some(Mode::Strict));
+    }
+
+    #[test]
+    fn ports_in_labels_are_declared_or_ruled_and_others_are_other() {
+        let mut p = policy("shop/p");
+        p.rules.push(rule(&[9090], &[A], &[]));
+        let p = compile(&pod(vec![p]));
+        assert_eq!(p.labelled_port(8080), Some(8080));
+        assert_eq!(p.labelled_port(9090), Some(9090));
+        assert_eq!(p.labelled_port(31337), None);
+    }
+
+    #[test]
+    fn a_bad_delivered_policy_is_refused_whole() {
+        let cases = [
+            rule(&[0], &[A], &[]),
+            rule(&[70000], &[A], &[]),
+            rule(&[80], &["not an id"], &[]),
+            rule(&[80], &["spiffe://other.td/ns/shop/sa/a"], &[]),
+            rule(&[80], &[], &["a/b"]),
+            rule(&[80], &[], &[""]),
+        ];
+        for bad in cases {
+            let mut p = policy("shop/bad");
+            p.rules.push(bad.clone());
+            assert!(Policy::from_wire(&pod(vec![p]), &td()).is_err(), "{bad:?}");
+        }
+        let mut no_default = pod(vec![]);
+        no_default.default_action = wire::Action::Unspecified as i32;
+        assert!(Policy::from_wire(&no_default, &td()).is_err());
+    }
+
+    #[test]
+    fn the_deny_list_matches_exact_ids_and_whole_namespaces_only() {
+        let list = DenyList::from_wire(
+            &wire::DenyList {
+                version: "d1".into(),
+                identities: vec![C.into()],
+                namespaces: vec!["sandbox".into()],
+            },
+            &td(),
+        )
+        .expect("valid");
+        assert!(list.denies(&id(C)));
+        assert!(list.denies(&id("spiffe://cluster.local/ns/sandbox/sa/anything")));
+        assert!(!list.denies(&id(A)));
+        assert!(!list.denies(&id("spiffe://cluster.local/ns/sandbox2/sa/x")));
+        assert!(!list.denies(&id("spiffe://other.td/ns/sandbox/sa/x")));
+        assert!(!list.denies(&id("spiffe://cluster.local/sandbox/sa/x")));
+        assert!(!DenyList::empty().denies(&id(C)));
+        for (identities, namespaces) in [
+            (vec!["nope".to_owned()], vec![]),
+            (vec!["spiffe://other.td/ns/a/sa/b".to_owned()], vec![]),
+            (vec![], vec!["a/b".to_owned()]),
+        ] {
+            let bad = wire::DenyList {
+                version: String::new(),
+                identities,
+                namespaces,
+            };
+            assert!(DenyList::from_wire(&bad, &td()).is_err(), "{bad:?}");
+        }
+    }
+}

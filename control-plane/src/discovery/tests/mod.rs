@@ -568,7 +568,7 @@ mod against_the_api_server {
 
 /// The `Watch` stream on its own: who may open one, what it sends, and when
 /// it ends. (Over real TLS, with the binary: `tests/tests/discovery.rs`.)
-mod stream {
+pub(super) mod stream {
     use std::{
         net::SocketAddr,
         sync::Arc,
@@ -589,9 +589,9 @@ mod stream {
         metrics::Metrics,
     };
 
-    type Stream = <DiscoveryService as palisade_proto::discovery::v1::discovery_server::Discovery>::WatchStream;
+    pub(super) type Stream = <DiscoveryService as palisade_proto::discovery::v1::discovery_server::Discovery>::WatchStream;
 
-    fn service(discovery: &Arc<Discovery>) -> (DiscoveryService, Registry) {
+    pub(super) fn service(discovery: &Arc<Discovery>) -> (DiscoveryService, Registry) {
         let registry = Registry::new();
         let metrics = Metrics::register(&registry).expect("metrics");
         (DiscoveryService::new(discovery.clone(), metrics), registry)
@@ -599,18 +599,21 @@ mod stream {
 
     /// A caller at `from` with a verified certificate of `identity` valid
     /// for `valid` more.
-    fn request(from: &str, identity: Option<&str>, valid: Duration) -> Option<Caller> {
+    pub(super) fn request(from: &str, identity: Option<&str>, valid: Duration) -> Option<Caller> {
         Some(Caller {
             addr: SocketAddr::new(ip(from), 40000),
             certificate: identity.map(|i| (id(i), SystemTime::now() + valid)),
         })
     }
 
-    async fn open(service: &DiscoveryService, caller: Option<Caller>) -> Result<Stream, Status> {
+    pub(super) async fn open(
+        service: &DiscoveryService,
+        caller: Option<Caller>,
+    ) -> Result<Stream, Status> {
         Ok(service.open(caller)?.into_inner())
     }
 
-    async fn next(stream: &mut Stream) -> Result<WatchResponse, Status> {
+    pub(super) async fn next(stream: &mut Stream) -> Result<WatchResponse, Status> {
         tokio::time::timeout(Duration::from_secs(5), stream.next())
             .await
             .expect("a message in time")
@@ -892,4 +895,5 @@ mod stream {
     }
 }
 
+mod policy;
 mod services;
