@@ -15,7 +15,9 @@ are checked against the small JSON schemas below, written from the
 prometheus-operator CRDs. Then the things an operator would notice are
 asserted: names agree across objects, RBAC is exactly what the control plane
 needs, the pod is locked down, the webhook reaches the Service, the CA is a
-CA, the injection config has the keys the control plane reads.
+CA, the injection config has the keys the control plane reads, the policy
+CRDs are the generated ones and the mesh-wide policy default reaches both
+the control plane and the sidecars.
 """
 
 from __future__ import annotations
@@ -367,6 +369,7 @@ EXPECTED_OBJECTS = {
     "Service": ["palisade-control-plane"],
     "ConfigMap": ["palisade-injection"],
     "MutatingWebhookConfiguration": ["palisade-sidecar-injector"],
+    "CustomResourceDefinition": ["inboundpolicies.policy.palisade.io", "identitydenylists.policy.palisade.io"],
 }
 
 
@@ -392,13 +395,16 @@ EXPECTED_OBJECTS = {
 def test_objects_and_namespaces(scenario: str, extra: dict[str, list[str]]) -> None:
     docs = docs_of(scenario)
     assert kinds(docs) == {**EXPECTED_OBJECTS, **extra}
-    cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration"}
+    cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration", "CustomResourceDefinition"}
     for d in docs:
         meta = d["metadata"]
         if d["kind"] in cluster_scoped:
             assert "namespace" not in meta, d["kind"]
         else:
             assert meta["namespace"] == NAMESPACE, d["kind"]
+        if d["kind"] == "CustomResourceDefinition":
+            # Rendered verbatim from the generated file (test_crds_are_the_generated_file).
+            continue
         labels = meta["labels"]
         assert labels["app.kubernetes.io/name"] == "palisade"
         assert labels["app.kubernetes.io/instance"] == RELEASE
@@ -416,7 +422,7 @@ EXPECTED_RBAC = {
     ("", "configmaps", "get", "palisade-trust-bundle"),
     ("", "configmaps", "patch", "palisade-trust-bundle"),
 }
-# With discovery.enabled: one cluster-wide watcher on Pods, read-only.
+# With discovery.enabled: one cluster-wide watcher per kind, read-only.
 DISCOVERY_RBAC = {
     ("", "pods", "list", None),
     ("", "pods", "watch", None),
@@ -424,6 +430,16 @@ DISCOVERY_RBAC = {
     ("", "services", "watch", None),
     ("discovery.k8s.io", "endpointslices", "list", None),
     ("discovery.k8s.io", "endpointslices", "watch", None),
+    ("policy.palisade.io", "inboundpolicies", "list", None),
+    ("policy.palisade.io", "inboundpolicies", "watch", None),
+    ("policy.palisade.io", "identitydenylists", "list", None),
+    ("policy.palisade.io", "identitydenylists", "watch", None),
+}
+# The one rule discovery adds for the policy resources, as written.
+POLICY_RULE = {
+    "apiGroups": ["policy.palisade.io"],
+    "resources": ["inboundpolicies", "identitydenylists"],
+    "verbs": ["list", "watch"],
 }
 
 
@@ -459,15 +475,27 @@ def test_rbac_is_exactly_what_the_control_plane_calls(scenario: str) -> None:
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_rbac_on_pods_is_list_and_watch_only_with_discovery(scenario: str) -> None:
-    """Discovery reads Pods, Services and EndpointSlices cluster-wide and nothing more; without it, none of them."""
+    """Discovery reads Pods, Services, EndpointSlices and the policies cluster-wide and nothing more; without it, none of them."""
     grants = rbac_grants(one(docs_of(scenario), "ClusterRole"))
-    # Subresources too (pods/log, pods/exec): nothing that starts with "pods".
-    watched = ("pods", "services", "endpointslices")
+    # Subresources too (pods/log, pods/exec, inboundpolicies/status): nothing that starts with their names.
+    watched = ("pods", "services", "endpointslices", "inboundpolicies", "identitydenylists")
     on_them = {g for g in grants if g[1].split("/")[0] in watched}
     if discovery_enabled(scenario):
         assert on_them == DISCOVERY_RBAC
     else:
         assert on_them == set()
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_rbac_on_policies_is_one_rule_with_discovery(scenario: str) -> None:
+    """The policy resources cost exactly one rule: list and watch, no get, no status, nothing else in the group."""
+    rules = one(docs_of(scenario), "ClusterRole")["rules"]
+    policy_rules = [r for r in rules if "policy.palisade.io" in r["apiGroups"]
+                    or {"inboundpolicies", "identitydenylists"} & {x.split("/")[0] for x in r["resources"]}]
+    assert policy_rules == ([POLICY_RULE] if discovery_enabled(scenario) else [])
+    without = one(docs_of("no-discovery"), "ClusterRole")["rules"]
+    # Discovery adds three rules: pods and services, endpointslices, the policies.
+    assert len(rules) == len(without) + (3 if discovery_enabled(scenario) else 0)
 
 
 def test_rbac_follows_the_names() -> None:
@@ -566,7 +594,7 @@ EXPECTED_ENV = {
     "PALISADE_LOG_FORMAT",
 }
 # With discovery.enabled only.
-DISCOVERY_ENV = {"PALISADE_DISCOVERY_SOURCE"}
+DISCOVERY_ENV = {"PALISADE_DISCOVERY_SOURCE", "PALISADE_POLICY_DEFAULT_MODE", "PALISADE_POLICY_DEFAULT_ACTION"}
 
 
 def mounts_by_path(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -605,6 +633,8 @@ def test_environment_default() -> None:
         "PALISADE_LOG_LEVEL": "info",
         "PALISADE_LOG_FORMAT": "text",
         "PALISADE_DISCOVERY_SOURCE": "kubernetes",
+        "PALISADE_POLICY_DEFAULT_MODE": "permissive",
+        "PALISADE_POLICY_DEFAULT_ACTION": "allow",
     }
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == "ghcr.io/palisade-mesh/palisade-control-plane:0.1.0"
@@ -625,6 +655,14 @@ def test_environment_agrees_with_the_other_objects(scenario: str) -> None:
     assert "PALISADE_DISCOVERY_FILE" not in env
     assert bool(DISCOVERY_RBAC & rbac_grants(one(docs, "ClusterRole"))) is enabled
     assert injection_config(docs)["sidecar"]["discovery"] is enabled
+    # The policy default the control plane sends is the one the injector
+    # gives the sidecars until their policy arrives.
+    sidecar = injection_config(docs)["sidecar"]
+    if enabled:
+        assert env["PALISADE_POLICY_DEFAULT_MODE"] == sidecar["inboundMode"]
+        assert env["PALISADE_POLICY_DEFAULT_ACTION"] == sidecar["defaultAction"]
+    else:
+        assert not {"PALISADE_POLICY_DEFAULT_MODE", "PALISADE_POLICY_DEFAULT_ACTION"} & set(env)
     service = one(docs, "Service")["metadata"]["name"]
     names = env["PALISADE_SERVER_NAMES"].split(",")
     assert names[:3] == [service, f"{service}.{NAMESPACE}", f"{service}.{NAMESPACE}.svc"]
@@ -657,6 +695,7 @@ def test_environment_of_the_uncommon_knobs() -> None:
     assert env["PALISADE_LOG_FORMAT"] == "json"
     assert env["PALISADE_SHUTDOWN_GRACE"] == "20s"
     assert env["PALISADE_KUBE_TIMEOUT"] == "3s"
+    assert env["PALISADE_POLICY_DEFAULT_MODE"] == "strict"
     pod = deployment["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] == 45
     assert pod["priorityClassName"] == "system-cluster-critical"
@@ -817,7 +856,7 @@ def test_bring_your_own_ca() -> None:
 
 INJECTION_KEYS = {
     "sidecar": {
-        "image", "imagePullPolicy", "resources", "logLevel", "inboundMode", "discovery", "outboundMode",
+        "image", "imagePullPolicy", "resources", "logLevel", "inboundMode", "defaultAction", "discovery", "outboundMode",
         "excludeOutboundPorts", "excludeInboundPorts", "serverFirstPorts", "meshNetworks",
     },
     "init": {"image", "imagePullPolicy", "resources"},
@@ -838,6 +877,7 @@ def test_injection_config_default() -> None:
             "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "128Mi"}},
             "logLevel": "info",
             "inboundMode": "permissive",
+            "defaultAction": "allow",
             "discovery": True,
             "outboundMode": "permissive",
             "excludeOutboundPorts": [53],
@@ -1002,6 +1042,154 @@ def test_prometheus_rule_follows_the_release() -> None:
     assert "release" not in rule["metadata"]["labels"]
 
 
+# === authorization policies ==================================================
+
+CRDS_FILE = CHART / "files" / "crds.yaml"
+# CRD name -> (kind, scope, the spec properties users write).
+POLICY_CRDS = {
+    "inboundpolicies.policy.palisade.io": (
+        "InboundPolicy", "Namespaced",
+        {"podSelector", "mode", "defaultAction", "rules", "enforcement", "excludablePorts"},
+    ),
+    "identitydenylists.policy.palisade.io": ("IdentityDenyList", "Cluster", {"identities", "namespaces"}),
+}
+
+
+def crds_of(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == "CustomResourceDefinition"]
+
+
+def crd_schema(crd: dict[str, Any]) -> dict[str, Any]:
+    (version,) = crd["spec"]["versions"]
+    return version["schema"]["openAPIV3Schema"]
+
+
+def undescribed(node: dict[str, Any], path: str = "", parent_described: bool = False) -> list[str]:
+    """Schema paths with no description that are not leaves of a described parent."""
+    children = [(f"{path}.{k}", v) for k, v in node.get("properties", {}).items()]
+    for key, suffix in (("items", "[]"), ("additionalProperties", ".*")):
+        if isinstance(node.get(key), dict):
+            children.append((f"{path}{suffix}", node[key]))
+    described = bool(node.get("description"))
+    out = [] if described or (parent_described and not children) else [path or "."]
+    for child_path, child in children:
+        out += undescribed(child, child_path, described)
+    return out
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_crds_are_the_generated_file(scenario: str) -> None:
+    """Exactly the two documents of files/crds.yaml (the Rust test checks it is what the code generates)."""
+    expected = [d for d in yaml.safe_load_all(CRDS_FILE.read_text()) if d]
+    assert [d["metadata"]["name"] for d in expected] == list(POLICY_CRDS)
+    assert crds_of(docs_of(scenario)) == expected
+    # Verbatim, not templated: nothing in the file is read as a template.
+    assert rendered_files(scenario)["palisade/templates/crds.yaml"].strip() == CRDS_FILE.read_text().strip()
+
+
+def test_crds_are_valid_kubernetes_1_33() -> None:
+    crds = crds_of(docs_of("default"))
+    assert len(crds) == 2
+    for crd in crds:
+        kubernetes_validate.validate(crd, KUBE_VERSION, strict=True)
+    broken = copy.deepcopy(crds[0])
+    broken["spec"]["versions"][0]["servedd"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBE_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("name", POLICY_CRDS)
+def test_crd_shape(name: str) -> None:
+    kind, scope, fields = POLICY_CRDS[name]
+    (crd,) = [d for d in crds_of(docs_of("default")) if d["metadata"]["name"] == name]
+    # An uninstall must not delete every policy of the mesh.
+    assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    spec = crd["spec"]
+    assert spec["group"] == "policy.palisade.io"
+    assert (spec["names"]["kind"], spec["names"]["plural"], spec["scope"]) == (kind, name.split(".")[0], scope)
+    (version,) = spec["versions"]
+    assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
+    schema = crd_schema(crd)
+    properties = schema["properties"]["spec"]["properties"]
+    assert fields <= set(properties), f"{kind} lacks {fields - set(properties)}"
+    assert undescribed(schema) == [], f"{kind}: no description at {undescribed(schema)}"
+    # kubectl get shows columns, each pointing at a field the schema has.
+    columns = version["additionalPrinterColumns"]
+    assert columns and {"Age"} <= {c["name"] for c in columns}
+    for column in columns:
+        parts = column["jsonPath"].lstrip(".").split(".")
+        if parts[0] == "metadata":
+            continue
+        node = schema
+        for part in parts:
+            assert part in node.get("properties", {}), f"{kind} column {column['name']}: no {column['jsonPath']}"
+            node = node["properties"][part]
+
+
+def test_crd_defaults_agree_with_the_values() -> None:
+    """A policy's mode and defaultAction take the values the chart's mesh default takes (or none: the default)."""
+    values_schema = json.loads((CHART / "values.schema.json").read_text())["properties"]
+    (crd,) = [d for d in crds_of(docs_of("default")) if d["spec"]["names"]["kind"] == "InboundPolicy"]
+    spec = crd_schema(crd)["properties"]["spec"]["properties"]
+    inbound_mode = values_schema["injection"]["properties"]["sidecar"]["properties"]["inboundMode"]
+    assert set(spec["mode"]["enum"]) == set(inbound_mode["enum"]) | {None}
+    assert set(spec["defaultAction"]["enum"]) == set(values_schema["policy"]["properties"]["defaultAction"]["enum"]) | {None}
+
+
+def test_install_crds_false_renders_no_crd() -> None:
+    rendered = render_raw({"policy": {"installCRDs": False}})
+    assert rendered.get("palisade/templates/crds.yaml", "").strip() == ""
+    docs = documents(rendered)
+    assert crds_of(docs) == []
+    # The control plane still watches the policies: the CRDs are yours to install.
+    assert POLICY_RULE in one(docs, "ClusterRole")["rules"]
+
+
+def test_default_action_deny_reaches_the_control_plane_and_the_sidecars() -> None:
+    docs = documents(render_raw({"policy": {"defaultAction": "deny"},
+                                 "injection": {"sidecar": {"inboundMode": "strict"}}}))
+    env = env_of(one(docs, "Deployment"))
+    assert env["PALISADE_POLICY_DEFAULT_ACTION"] == "deny"
+    assert env["PALISADE_POLICY_DEFAULT_MODE"] == "strict"
+    sidecar = injection_config(docs)["sidecar"]
+    assert (sidecar["defaultAction"], sidecar["inboundMode"]) == ("deny", "strict")
+    # Without discovery no policy is delivered, but the sidecars keep the default.
+    docs = documents(render_raw({"policy": {"defaultAction": "deny"}, "discovery": {"enabled": False}}))
+    assert "PALISADE_POLICY_DEFAULT_ACTION" not in env_of(one(docs, "Deployment"))
+    assert injection_config(docs)["sidecar"]["defaultAction"] == "deny"
+
+
+def strict_schema(node: Any) -> Any:
+    """The CRD schema with unknown fields refused (the API server would prune them silently)."""
+    if isinstance(node, dict):
+        out = {k: strict_schema(v) for k, v in node.items()}
+        if "properties" in out and "additionalProperties" not in out:
+            out["additionalProperties"] = False
+        return out
+    if isinstance(node, list):
+        return [strict_schema(v) for v in node]
+    return node
+
+
+def test_readme_examples_fit_the_crds() -> None:
+    """The examples of "Authorization policies" apply: right group, scope and fields."""
+    readme = (CHART / "README.md").read_text()
+    section = readme.split("\n## Authorization policies\n", 1)[1].split("\n## ", 1)[0]
+    examples = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", section, flags=re.S)]
+    crds = {d["spec"]["names"]["kind"]: d for d in crds_of(docs_of("default"))}
+    assert sorted(e["kind"] for e in examples) == sorted(crds)
+    for example in examples:
+        crd = crds[example["kind"]]
+        (version,) = crd["spec"]["versions"]
+        assert example["apiVersion"] == f"{crd['spec']['group']}/{version['name']}"
+        assert ("namespace" in example["metadata"]) is (crd["spec"]["scope"] == "Namespaced")
+        spec_schema = strict_schema(crd_schema(crd)["properties"]["spec"])
+        jsonschema.Draft7Validator(spec_schema).validate(example["spec"])
+    (policy,) = [e for e in examples if e["kind"] == "InboundPolicy"]
+    assert policy["spec"]["enforcement"] == "audit"
+    assert 'palisade_authz_decisions_total{decision="audit_deny"}' in section
+
+
 # === names ===================================================================
 
 
@@ -1051,6 +1239,10 @@ INVALID_VALUES = {
     "prometheusRule enabled yes-please": "monitoring:\n  prometheusRule:\n    enabled: yes-please\n",
     "prometheusRule label not a string": "monitoring:\n  prometheusRule:\n    labels:\n      release: [a, b]\n",
     "prometheusRule unknown key": "monitoring:\n  prometheusRule:\n    interval: 30s\n",
+    "defaultAction maybe": "policy:\n  defaultAction: maybe\n",
+    "defaultAction Deny": "policy:\n  defaultAction: Deny\n",
+    "installCRDs yes-please": "policy:\n  installCRDs: yes-please\n",
+    "policy unknown key": "policy:\n  defaultMode: strict\n",
 }
 
 
@@ -1091,6 +1283,10 @@ def chart_without_schema(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ({"controlPlane": {"shutdownGraceSeconds": 30, "terminationGracePeriodSeconds": 30}}, "must be larger"),
         ({"controlPlane": {"extraEnv": [{"name": "PALISADE_CA_DIR", "value": "/tmp"}]}}, "set by the chart"),
         ({"controlPlane": {"extraEnv": [{"name": "PALISADE_DISCOVERY_SOURCE", "value": "file"}]}}, "set by the chart"),
+        ({"controlPlane": {"extraEnv": [{"name": "PALISADE_POLICY_DEFAULT_ACTION", "value": "deny"}]}},
+         "set by the chart"),
+        ({"controlPlane": {"extraEnv": [{"name": "PALISADE_POLICY_DEFAULT_MODE", "value": "strict"}]}},
+         "set by the chart"),
         (
             {"discovery": {"enabled": False}, "injection": {"sidecar": {"outboundMode": "strict"}}},
             "strict needs discovery.enabled=true",
