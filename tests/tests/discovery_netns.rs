@@ -386,6 +386,142 @@ fn a_service_address_nobody_has_reaches_each_endpoint_verified_as_its_own_identi
     }
 }
 
+#[test]
+fn an_inbound_policy_refuses_before_the_app_audit_lets_through_and_the_deny_list_cuts_open_connections()
+ {
+    let mut mesh = Mesh::start();
+    // c: a client pod of the mesh, following discovery as a does.
+    mesh.lan.add_host("c", C_IP);
+    mesh.lan
+        .host("c")
+        .exec(&mesh.sidecar_bin, &["init", "--ipv6=false"]);
+    let pods = [("shop/b", B_IP, Some(B_ID)), ("shop/c", C_IP, Some(C_ID))];
+    mesh.write_discovery_with(&pods, "");
+    mesh.start_sidecar("c", "c", C_ID, true, &[]);
+    let before = mesh.policy_version("b");
+    let line = secret("c-before");
+    assert_eq!(
+        send(mesh.lan.host("c"), B_IP, APP_PORT, &line),
+        Ok(App::reply("b", &line, B_IP, APP_PORT)),
+        "without a policy the mesh default allows c"
+    );
+
+    // deny by default, and 8080 for a alone.
+    let policy = |enforcement: &str| {
+        format!(
+            "policies:\n\
+             \x20 - name: shop/b-inbound\n    spec:\n\
+             \x20     podSelector: {{matchLabels: {{app: b}}}}\n\
+             \x20     defaultAction: deny\n\
+             \x20     enforcement: {enforcement}\n\
+             \x20     rules: [{{ports: [http], allow: [{{serviceAccount: {{namespace: shop, name: a}}}}]}}]\n"
+        )
+    };
+    mesh.write_discovery_with(&pods, &policy("enforce"));
+    let enforced = mesh.wait_policy_change("b", &before);
+    mesh.a_reaches_b(&secret("a-allowed"));
+    let line = secret("c-refused");
+    let answer = send(mesh.lan.host("c"), B_IP, APP_PORT, &line);
+    assert!(refused(&answer), "c must be refused at b, got {answer:?}");
+    let b_app = fs::read_to_string(mesh.lan.dir().join("app-b.log")).unwrap_or_default();
+    assert!(
+        !b_app.contains(&line),
+        "b's app received c's bytes:\n{b_app}"
+    );
+    let decisions = |mesh: &Mesh, decision: &str| {
+        metric(
+            &mesh.metrics("b"),
+            "palisade_authz_decisions_total",
+            &[
+                ("decision", decision),
+                ("port", "8080"),
+                ("policy", "shop/b-inbound"),
+            ],
+        )
+    };
+    assert!(decisions(&mesh, "deny") >= 1.0, "b counts the refusal");
+    assert!(decisions(&mesh, "allow") >= 1.0, "and a's allow");
+
+    // audit: c passes, counted as what enforce would refuse.
+    mesh.write_discovery_with(&pods, &policy("audit"));
+    let audited = mesh.wait_policy_change("b", &enforced);
+    let line = secret("c-audited");
+    assert_eq!(
+        send(mesh.lan.host("c"), B_IP, APP_PORT, &line),
+        Ok(App::reply("b", &line, B_IP, APP_PORT)),
+        "audit mode refuses nothing"
+    );
+    assert!(
+        decisions(&mesh, "audit_deny") >= 1.0,
+        "b counts c as audit_deny"
+    );
+
+    // The deny list: c's open connection to b is cut, whatever the policy.
+    let mut open =
+        mesh.lan
+            .host("c")
+            .spawn("c's open connection", &User::root(), tool("python3"), |c| {
+                c.args(["-c", HOLD, &B_IP.to_string(), &APP_PORT.to_string()])
+                    .stdout(Stdio::piped());
+            });
+    assert_eq!(
+        open.read_line(WAIT).as_deref(),
+        Some("open"),
+        "c connects to b"
+    );
+    eventually(WAIT, "c's connection to be open at b", || {
+        (metric(
+            &mesh.metrics("b"),
+            "palisade_connections_active",
+            &[("direction", "inbound")],
+        ) >= 1.0)
+            .then_some(())
+    });
+    let deny = format!(
+        "{}denyLists:\n  - name: incident-42\n    spec: {{identities: [{C_ID}]}}\n",
+        policy("audit")
+    );
+    let written = std::time::Instant::now();
+    mesh.write_discovery_with(&pods, &deny);
+    let closed = open.read_line(Duration::from_secs(9));
+    let took = written.elapsed();
+    assert_eq!(closed.as_deref(), Some("closed"), "b closes c's connection");
+    eprintln!("the deny list cut c's open connection {took:?} after the file changed");
+    assert!(took <= Duration::from_secs(5), "cut after {took:?}");
+    let text = mesh.metrics("b");
+    assert!(metric(&text, "palisade_connections_revoked_total", &[]) >= 1.0);
+    let line = secret("c-denied");
+    assert!(
+        refused(&send(mesh.lan.host("c"), B_IP, APP_PORT, &line)),
+        "c stays refused"
+    );
+    assert!(
+        metric(
+            &mesh.metrics("b"),
+            "palisade_authz_decisions_total",
+            &[("decision", "deny"), ("policy", "deny-list")]
+        ) >= 1.0
+    );
+    mesh.a_reaches_b(&secret("a-still"));
+    assert_eq!(
+        audited,
+        mesh.policy_version("b"),
+        "the deny list is not b's policy: its version stays"
+    );
+}
+
+/// Holds one connection open: sends half a line, says `open`, and says
+/// `closed` when the other side closes it.
+const HOLD: &str = r#"
+import socket, sys
+conn = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+conn.sendall(b"half a line")
+print("open", flush=True)
+while conn.recv(4096):
+    pass
+print("closed", flush=True)
+"#;
+
 // === the mesh every step starts from ===
 
 /// The control plane, pods a and b with sidecars following discovery, and
@@ -644,6 +780,29 @@ impl Mesh {
         )
     }
 
+    /// The version of the policy in force in `host`'s sidecar.
+    fn policy_version(&self, host: &str) -> String {
+        let text = self.metrics(host);
+        text.lines()
+            .find(|l| l.starts_with("palisade_policy_info{"))
+            .and_then(|l| l.split("version=\"").nth(1))
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Waits until `host`'s policy version is no longer `before`; the new one.
+    fn wait_policy_change(&self, host: &str, before: &str) -> String {
+        eventually(
+            WAIT,
+            &format!("{host}'s sidecar to take the new policy"),
+            || {
+                let now = self.policy_version(host);
+                (now != before && !now.is_empty()).then_some(now)
+            },
+        )
+    }
+
     /// Rewrites the discovery file with a and h as at the start, and
     /// `workloads`.
     fn write_discovery(&self, workloads: &[(&str, Ipv4Addr, Option<&str>)]) {
@@ -677,7 +836,13 @@ fn write_discovery(path: &Path, workloads: &[(&str, Ipv4Addr, Option<&str>)], se
     for (name, address, identity) in workloads {
         text.push_str(&format!("  - name: {name}\n    addresses: [{address}]\n"));
         match identity {
-            Some(id) => text.push_str(&format!("    identity: {id}\n")),
+            Some(id) => {
+                // Labelled and declaring its port, as a pod of a Deployment.
+                let app = name.rsplit('/').next().unwrap_or(name);
+                text.push_str(&format!(
+                    "    identity: {id}\n    labels: {{app: {app}}}\n    ports: [{{name: http, port: {APP_PORT}}}]\n"
+                ));
+            }
             None => text.push_str("    unmeshed: true\n"),
         }
     }

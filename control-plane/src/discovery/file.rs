@@ -96,6 +96,12 @@ pub enum FileError {
     BadPort { service: usize, port: u32 },
     #[error("service {service}: `{value}` is not an endpoint (address:port, [v6]:port)")]
     BadEndpoint { service: usize, value: String },
+    #[error("workload {workload}: the name {name} is taken by workload {first}")]
+    DuplicateName {
+        workload: usize,
+        name: String,
+        first: usize,
+    },
     #[error("policy {policy}: the name must be `namespace/name`")]
     PolicyName { policy: usize },
 }
@@ -228,6 +234,18 @@ pub fn parse(yaml: &str, trust_domain: &TrustDomain) -> Result<Parsed, FileError
         serde_saphyr::from_str(yaml)
             .map_err(|e| FileError::Syntax(e.without_snippet().to_string()))?
     };
+    let mut named: HashMap<&str, usize> = HashMap::new();
+    for (i, w) in file.workloads.iter().enumerate() {
+        if let Some(name) = &w.name
+            && let Some(first) = named.insert(name, i + 1)
+        {
+            return Err(FileError::DuplicateName {
+                workload: i + 1,
+                name: name.chars().take(64).collect(),
+                first,
+            });
+        }
+    }
     let workloads = parse_workloads(file.workloads, trust_domain)?;
     let mut owners: HashMap<IpAddr, String> = workloads
         .iter()
@@ -301,13 +319,18 @@ fn parse_workloads(
                 (None, true) => Claim::Unmeshed,
                 _ => return Err(FileError::IdentityOrUnmeshed { workload }),
             };
+            // Keyed by name, so a reordered file keeps each workload's key.
+            let key = match &w.name {
+                Some(name) => format!("file/{name}"),
+                None => format!("file/#{workload}"),
+            };
             let name = w.name.unwrap_or_else(|| format!("workload {workload}"));
             let facts = match &claim {
                 Claim::Meshed(id) => Some(Arc::new(facts_of(id, w.labels, &w.ports))),
                 _ => None,
             };
             Ok((
-                format!("file/{workload}"),
+                key,
                 Workload {
                     name,
                     addresses,

@@ -321,6 +321,13 @@ impl Watch {
                 None => message.removed_services.push(encode_ip(*address)),
             }
         }
+        if changes.policies.all
+            && let Ok(bound) = self.discovery.bind(self.address, &self.identity)
+        {
+            // After a relist the pod at the caller's address may be tracked
+            // under another key: the policy is always the bound pod's.
+            self.pod_key = bound.key;
+        }
         if changes.policies.covers(&self.pod_key, &self.namespace) {
             message.policy = self
                 .discovery

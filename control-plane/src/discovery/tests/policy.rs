@@ -384,3 +384,46 @@ mod against_the_api_server {
         source.abort();
     }
 }
+
+#[test]
+fn the_file_source_carries_policies_and_deny_lists() {
+    let yaml = "workloads:\n\
+        \x20 - name: shop/a\n    addresses: [198.18.0.1]\n    identity: spiffe://cluster.local/ns/shop/sa/a\n    labels: {app: a}\n\
+        \x20 - name: shop/b\n    addresses: [198.18.0.2]\n    identity: spiffe://cluster.local/ns/shop/sa/b\n    labels: {app: b}\n    ports: [{name: http, port: 8080}, 9090]\n\
+        policies:\n\
+        \x20 - name: shop/b-inbound\n    spec:\n      podSelector: {matchLabels: {app: b}}\n      defaultAction: deny\n      rules: [{ports: [http], allow: [{serviceAccount: {namespace: shop, name: a}}]}]\n\
+        denyLists:\n\
+        \x20 - name: incident\n    spec: {identities: [spiffe://cluster.local/ns/shop/sa/c]}\n";
+    let parsed = crate::discovery::file::parse(yaml, &td()).expect("a valid file");
+    let discovery = Discovery::new(td());
+    let (_, mut rx) = discovery.subscribe();
+    discovery.replace_file(parsed);
+    let change = rx.try_recv().expect("a change");
+    assert!(change.policies.all);
+    assert_eq!(
+        change.deny_list.as_ref().expect("the deny list").identities,
+        ["spiffe://cluster.local/ns/shop/sa/c"]
+    );
+    let b = discovery.pod_policy("file/shop/b").expect("b");
+    assert_eq!(b.policies.len(), 1, "{b:?}");
+    assert_eq!(b.policies[0].rules[0].ports, [8080]);
+    assert_eq!(b.declared_ports, [8080, 9090]);
+    assert!(
+        discovery
+            .pod_policy("file/shop/a")
+            .expect("a")
+            .policies
+            .is_empty()
+    );
+    assert!(
+        crate::discovery::file::parse("policies: [{name: nonamespace, spec: {}}]", &td()).is_err()
+    );
+    let twice = "workloads:\n\
+        \x20 - {name: shop/a, addresses: [198.18.0.1], unmeshed: true}\n\
+        \x20 - {name: shop/a, addresses: [198.18.0.2], unmeshed: true}\n";
+    let error = crate::discovery::file::parse(twice, &td()).expect_err("a name twice");
+    assert_eq!(
+        error.to_string(),
+        "workload 2: the name shop/a is taken by workload 1"
+    );
+}
