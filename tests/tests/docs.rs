@@ -291,7 +291,11 @@ fn configuration_md_lists_every_flag_of_every_subcommand_as_help_prints_it() {
         for (command, text) in &leaves {
             let flags = help_flags(text);
             let own = documented.get(command);
-            if own.is_none() {
+            // A subcommand with only the binary's global flags needs no table.
+            let only_global = flags
+                .keys()
+                .all(|name| global.is_some_and(|t| t.contains_key(name)));
+            if own.is_none() && !only_global {
                 problems.push(format!("{command} has no table in docs/configuration.md"));
             }
             covered.insert(command.clone());

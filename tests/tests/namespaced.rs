@@ -146,14 +146,14 @@ fn a_deny_policy_refuses_a_and_allowing_again_lets_it_back() {
     let denied = |metrics: &str| {
         metric(
             metrics,
-            "palisade_authz_denied_total",
-            &[("port", "8080"), ("peer_identity", A_ID)],
+            "palisade_authz_decisions_total",
+            &[("decision", "deny"), ("port", "8080"), ("policy", "file")],
         )
     };
-    // The family appears with the first denial (its labels name the peer, so
-    // no series exists before one); until then b has denied nothing.
+    // The series appears with the first denial; until then b has denied
+    // nothing.
     let before = mesh.metrics("b");
-    let denied_before = if before.contains("# TYPE palisade_authz_denied_total ") {
+    let denied_before = if before.contains("decision=\"deny\"") {
         denied(&before)
     } else {
         0.0
@@ -174,7 +174,7 @@ fn a_deny_policy_refuses_a_and_allowing_again_lets_it_back() {
         denied(&mesh.metrics("b")),
         1.0,
         "the refusal must be counted once in \
-         palisade_authz_denied_total{{port=\"8080\",peer_identity=\"{A_ID}\"}}"
+         palisade_authz_decisions_total{{decision=\"deny\",port=\"8080\",policy=\"file\"}}"
     );
 
     mesh.write_policy(ALLOW_ALL);

@@ -300,8 +300,8 @@ async fn prometheus_sees_what_the_mesh_did() {
     }
 
     // Every metric of the design is there with HELP and TYPE from the start
-    // (palisade_authz_denied_total appears with the first denial: its labels
-    // are a port and a peer, and there is no zero to start from).
+    // (palisade_authz_decisions_total appears with the first decision: its
+    // labels are a port and a policy, and there is no zero to start from).
     for (addr, names) in [
         (
             cp.admin_addr,

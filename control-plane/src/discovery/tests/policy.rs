@@ -6,7 +6,7 @@ use std::time::Duration;
 use palisade_proto::discovery::v1::{self as wire, WatchResponse};
 use serde_json::json;
 
-use super::{ip, pod, td, with};
+use super::{pod, td, with};
 use crate::{
     discovery::Discovery,
     policy::{
