@@ -71,7 +71,7 @@ pub struct InboundPolicySpec {
     kind = "IdentityDenyList",
     plural = "identitydenylists",
     shortname = "denylist",
-    doc = "Identities every sidecar refuses, inbound and outbound, while their certificates are still valid.",
+    doc = "Identities every sidecar refuses as callers, and whose open connections it closes, while their certificates are still valid.",
     printcolumn = r#"{"name":"Identities","type":"string","jsonPath":".spec.identities"}"#,
     printcolumn = r#"{"name":"Namespaces","type":"string","jsonPath":".spec.namespaces"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#

@@ -1,4 +1,4 @@
-//! The mesh-wide deny list: identities refused inbound and outbound,
+//! The mesh-wide deny list: identities refused as callers,
 //! whatever their certificates say, and whose open connections are closed.
 
 use std::collections::HashSet;
