@@ -67,13 +67,15 @@ impl App {
             None => PolicyStore::fixed(Policy::mesh_default(config.default_action)),
         };
         metrics.policy_in_force(&policy.current());
-        let proxy = Arc::new(Proxy::new(
+        let mut proxy = Proxy::new(
             store,
             Arc::new(policy),
             metrics,
             config.limits.clone(),
             config.max_connections,
-        ));
+        );
+        proxy.access_log = config.access_log;
+        let proxy = Arc::new(proxy);
 
         let inbound = bind_all(&config.inbound, "inbound")?;
         let outbound = bind_all(&config.outbound, "outbound")?;

@@ -857,7 +857,7 @@ def test_bring_your_own_ca() -> None:
 INJECTION_KEYS = {
     "sidecar": {
         "image", "imagePullPolicy", "resources", "logLevel", "inboundMode", "defaultAction", "discovery", "outboundMode",
-        "excludeOutboundPorts", "excludeInboundPorts", "serverFirstPorts", "meshNetworks",
+        "excludeOutboundPorts", "excludeInboundPorts", "serverFirstPorts", "meshNetworks", "accessLog",
     },
     "init": {"image", "imagePullPolicy", "resources"},
     "controlPlane": {"address", "serverName"},
@@ -884,6 +884,7 @@ def test_injection_config_default() -> None:
             "excludeInboundPorts": [],
             "serverFirstPorts": [3306, 5432, 6379, 25, 110, 143],
             "meshNetworks": [],
+            "accessLog": "off",
         },
         "init": {
             "image": "ghcr.io/palisade-mesh/palisade-init:0.1.0",
@@ -911,6 +912,7 @@ def test_injection_config_of_the_uncommon_knobs() -> None:
     assert sidecar["discovery"] is True
     assert sidecar["meshNetworks"] == ["10.244.0.0/16", "fd00:10:244::/56"]
     assert sidecar["excludeInboundPorts"] == [9090]
+    assert sidecar["accessLog"] == "json"
     assert config["init"]["image"] == "ghcr.io/palisade-mesh/palisade-init@sha256:" + "fedcba9876543210" * 4
     assert config["token"]["expirationSeconds"] == 3600
     assert config["prometheusScrape"] is False

@@ -140,6 +140,7 @@ async fn streams_are_authenticated_bound_to_their_pod_and_follow_every_pod_and_s
     let api = ApiServer::builder()
         .client_token(CONTROL_PLANE_TOKEN)
         .bookmark_interval(Duration::from_millis(200))
+        .palisade_crds()
         // At the caller's address: a pod of another service account.
         .object(pod("evil", "m", "m", "127.0.0.1", true))
         .object(pod("shop", "a-old", "a", "127.0.0.2", true))

@@ -441,6 +441,26 @@ fn an_inbound_policy_refuses_before_the_app_audit_lets_through_and_the_deny_list
     };
     assert!(decisions(&mesh, "deny") >= 1.0, "b counts the refusal");
     assert!(decisions(&mesh, "allow") >= 1.0, "and a's allow");
+    // The access log: one JSON line per judged connection, with the peer.
+    let access = access_log(&mesh);
+    let logged = |peer: &str, decision: &str| {
+        access.iter().any(|e| {
+            e["peer"] == peer
+                && e["decision"] == decision
+                && e["port"] == 8080
+                && e["policy"] == "shop/b-inbound"
+        })
+    };
+    assert!(
+        logged(C_ID, "deny"),
+        "b's access log has c's refusal: {access:?}"
+    );
+    assert!(
+        access.iter().any(|e| e["peer"] == A_ID
+            && e["decision"] == "allow"
+            && e["bytes_in"].as_u64() > Some(0)),
+        "and a's allowed connection with its bytes: {access:?}"
+    );
 
     // audit: c passes, counted as what enforce would refuse.
     mesh.write_discovery_with(&pods, &policy("audit"));
@@ -490,6 +510,13 @@ fn an_inbound_policy_refuses_before_the_app_audit_lets_through_and_the_deny_list
     assert!(took <= Duration::from_secs(5), "cut after {took:?}");
     let text = mesh.metrics("b");
     assert!(metric(&text, "palisade_connections_revoked_total", &[]) >= 1.0);
+    // The cut connection is logged with what it moved ("half a line").
+    let cut = eventually(WAIT, "b to log c's cut connection", || {
+        access_log(&mesh)
+            .into_iter()
+            .find(|e| e["peer"] == C_ID && e["decision"] == "audit_deny" && e["bytes_in"] == 11)
+    });
+    assert!(cut["duration_ms"].as_u64() > Some(0), "{cut}");
     let line = secret("c-denied");
     assert!(
         refused(&send(mesh.lan.host("c"), B_IP, APP_PORT, &line)),
@@ -508,6 +535,15 @@ fn an_inbound_policy_refuses_before_the_app_audit_lets_through_and_the_deny_list
         mesh.policy_version("b"),
         "the deny list is not b's policy: its version stays"
     );
+}
+
+/// The lines of b's access log (its sidecar's stdout, beside its logs).
+fn access_log(mesh: &Mesh) -> Vec<serde_json::Value> {
+    let log = fs::read_to_string(mesh.lan.dir().join("sidecar-b.log")).unwrap_or_default();
+    log.lines()
+        .filter(|l| l.starts_with("{\"time\""))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 /// Holds one connection open: sends half a line, says `open`, and says
@@ -709,6 +745,7 @@ impl Mesh {
                     "--inbound-addr=0.0.0.0:15006",
                     "--admin-addr=0.0.0.0:15020",
                     "--log-level=debug",
+                    "--access-log=json",
                 ])
                 .args(extra)
                 .stdout(log.try_clone().expect("log"))

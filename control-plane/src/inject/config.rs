@@ -76,6 +76,10 @@ pub struct SidecarTemplate {
     /// Destinations treated as mesh peers; empty means the sidecar's default.
     #[serde(default)]
     pub mesh_networks: Vec<IpNet>,
+    /// The sidecar's access log (`off` or `json`); the pod annotation
+    /// `palisade.io/access-log` overrides it.
+    #[serde(default)]
+    pub access_log: AccessLog,
 }
 
 /// The init container.
@@ -130,6 +134,15 @@ pub enum InboundMode {
     #[default]
     Permissive,
     Strict,
+}
+
+/// The sidecar's access log.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLog {
+    #[default]
+    Off,
+    Json,
 }
 
 /// The sidecar's outbound mode.

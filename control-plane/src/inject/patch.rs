@@ -15,7 +15,7 @@ use crate::policy::resources::Action;
 
 use super::{
     ReviewReason,
-    config::{InboundMode, InjectionConfig},
+    config::{AccessLog, InboundMode, InjectionConfig},
 };
 
 /// Annotation that opts a pod out (`"false"` or `"disabled"`).
@@ -32,6 +32,8 @@ pub const EXCLUDE_INBOUND_PORTS: &str = "palisade.io/exclude-inbound-ports";
 pub const SERVER_FIRST_PORTS: &str = "palisade.io/server-first-ports";
 /// `permissive` or `strict`.
 pub const INBOUND_MODE: &str = "palisade.io/inbound-mode";
+/// `json` or `off`: the sidecar's access log, over the chart's default.
+pub const ACCESS_LOG: &str = "palisade.io/access-log";
 
 /// Name of the sidecar container.
 pub const SIDECAR_CONTAINER: &str = "palisade-sidecar";
@@ -166,6 +168,18 @@ pub fn decide(
             });
         }
     };
+    let access_log = match annotation(ACCESS_LOG).map(str::trim) {
+        None => config.sidecar.access_log,
+        Some("off") => AccessLog::Off,
+        Some("json") => AccessLog::Json,
+        Some(other) => {
+            return Err(PodError::BadAnnotation {
+                annotation: ACCESS_LOG,
+                value: shorten(other),
+                expected: "\"json\" or \"off\"",
+            });
+        }
+    };
 
     let service_account = spec
         .get("serviceAccountName")
@@ -198,6 +212,7 @@ pub fn decide(
         identity: &identity,
         trust_domain,
         mode,
+        access_log,
         exclude_outbound: &exclude_outbound,
         exclude_inbound: &exclude_inbound,
         server_first: &server_first,
@@ -271,6 +286,7 @@ struct Settings<'a> {
     identity: &'a SpiffeId,
     trust_domain: &'a TrustDomain,
     mode: InboundMode,
+    access_log: AccessLog,
     exclude_outbound: &'a str,
     exclude_inbound: &'a str,
     server_first: &'a str,
@@ -356,6 +372,9 @@ fn sidecar_container(config: &InjectionConfig, s: &Settings<'_>) -> Value {
     }
     if !s.server_first.is_empty() {
         env.push(env_var("PALISADE_SERVER_FIRST_PORTS", s.server_first));
+    }
+    if s.access_log == AccessLog::Json {
+        env.push(env_var("PALISADE_ACCESS_LOG", "json"));
     }
     if !sidecar.mesh_networks.is_empty() {
         let nets: Vec<String> = sidecar

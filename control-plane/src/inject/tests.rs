@@ -251,7 +251,15 @@ fn annotations_merge_with_the_defaults() {
         "palisade.io/exclude-inbound-ports": "9090",
         "palisade.io/server-first-ports": "5432",
         "palisade.io/inbound-mode": "strict",
+        "palisade.io/access-log": "json",
     });
+    let (_, _, plain) = run(&injector, &pod(Value::Null, web_spec()));
+    let sidecar = env_of(&plain["spec"]["initContainers"][1]);
+    assert_eq!(
+        env(&sidecar, "PALISADE_ACCESS_LOG"),
+        None,
+        "the access log is opt-in"
+    );
     let (_, _, patched) = run(&injector, &pod(annotations, web_spec()));
     let init = env_of(&patched["spec"]["initContainers"][0]);
     let sidecar = env_of(&patched["spec"]["initContainers"][1]);
@@ -269,6 +277,7 @@ fn annotations_merge_with_the_defaults() {
         Some("3306,5432")
     );
     assert_eq!(env(&sidecar, "PALISADE_INBOUND_MODE"), Some("strict"));
+    assert_eq!(env(&sidecar, "PALISADE_ACCESS_LOG"), Some("json"));
 }
 
 #[test]
@@ -348,6 +357,10 @@ fn bad_annotations_are_refused_with_the_annotation_named() {
             json!({"palisade.io/inbound-mode": "paranoid"}),
             "palisade.io/inbound-mode",
         ),
+        (
+            json!({"palisade.io/access-log": "yes"}),
+            "palisade.io/access-log",
+        ),
         (json!({"palisade.io/inject": "maybe"}), "palisade.io/inject"),
     ] {
         let (status, body, _) = run(&injector, &pod(annotations, web_spec()));
@@ -359,7 +372,7 @@ fn bad_annotations_are_refused_with_the_annotation_named() {
             .expect("message");
         assert!(message.contains(needle), "{message}");
     }
-    assert_eq!(count(&registry, "denied", "bad_annotation"), 5);
+    assert_eq!(count(&registry, "denied", "bad_annotation"), 6);
 
     let mut clash = web_spec();
     clash["volumes"] = json!([{"name": "palisade-token", "emptyDir": {}}]);

@@ -38,7 +38,7 @@ pub use self::{
 use crate::{
     discovery::StreamConfig,
     policy::DefaultAction,
-    proxy::{Limits, inbound::InboundTarget, outbound::OutboundTarget},
+    proxy::{Limits, access::AccessLog, inbound::InboundTarget, outbound::OutboundTarget},
     tls::TlsSettings,
 };
 
@@ -85,6 +85,9 @@ pub struct RunArgs {
         default_value = "allow"
     )]
     pub default_action: DefaultAction,
+    /// One line per inbound connection the policy judged, on stdout: off or json (peer identity, port, decision, policy, bytes, duration).
+    #[arg(long, env = "PALISADE_ACCESS_LOG", value_enum, default_value = "off")]
+    pub access_log: AccessLog,
     /// Address of the admin server (/metrics, /ready, /live, /config).
     #[arg(long, env = "PALISADE_ADMIN_ADDR", default_value = "0.0.0.0:15020")]
     pub admin_addr: SocketAddr,
@@ -108,6 +111,7 @@ pub struct RunConfig {
     pub policy: Option<PathBuf>,
     /// The default before a policy arrives, without `policy`.
     pub default_action: DefaultAction,
+    pub access_log: AccessLog,
     pub admin_addr: SocketAddr,
     pub limits: Limits,
     pub max_connections: usize,
@@ -173,6 +177,7 @@ impl RunArgs {
             outbound,
             policy: self.policy,
             default_action: self.default_action,
+            access_log: self.access_log,
             admin_addr: self.admin_addr,
             limits: self.limits.limits(),
             max_connections: self.limits.max_connections()?,

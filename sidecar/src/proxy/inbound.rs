@@ -14,12 +14,13 @@ use tracing::{debug, info};
 
 use super::{
     Proxy,
+    access::Entry,
     buffers::ReadAhead,
     detect::{self, DetectError, Protocol},
     handshake::{self, Ready, Refusal, Secured},
     original_dst,
     prefixed::PrefixedIo,
-    relay::relay,
+    relay::{Activity, relay_tallied},
 };
 use crate::{
     metrics::{Direction::Inbound, HandshakeFailure, LabelValue, Security},
@@ -178,24 +179,25 @@ async fn mesh(
     };
     tracing::Span::current().record("identity", tracing::field::display(&peer));
 
-    if !authorize(proxy, app.port(), Some(&peer)) {
+    let Some(decision) = authorize(proxy, app.port(), Some(&peer)) else {
         let _ = tokio::time::timeout(proxy.limits.handshake, tls.shutdown()).await;
         return;
-    }
-    to_app(proxy, tls, app, Some(&peer)).await;
+    };
+    to_app(proxy, tls, app, Some(&peer), &decision).await;
 }
 
 /// Passes traffic that is not mesh TLS to the app (permissive mode).
 async fn plaintext(proxy: &Proxy, client: Client, app: SocketAddr) {
-    if !authorize(proxy, app.port(), None) {
+    let Some(decision) = authorize(proxy, app.port(), None) else {
         return;
-    }
-    to_app(proxy, client, app, None).await;
+    };
+    to_app(proxy, client, app, None, &decision).await;
 }
 
 /// Judges a connection by the deny list, then the policy; counts and logs
-/// the decision. Whether it may go on (an audit-mode refusal may).
-fn authorize(proxy: &Proxy, port: u16, peer: Option<&SpiffeId>) -> bool {
+/// the decision. The decision when it may go on (an audit-mode refusal
+/// may), `None` when refused.
+fn authorize(proxy: &Proxy, port: u16, peer: Option<&SpiffeId>) -> Option<Decision> {
     let policy = proxy.policy.current();
     let decision = match peer {
         Some(peer) if proxy.policy.denied(peer) => Decision {
@@ -207,14 +209,17 @@ fn authorize(proxy: &Proxy, port: u16, peer: Option<&SpiffeId>) -> bool {
     proxy.metrics.authz(&decision, policy.labelled_port(port));
     let peer_id = peer.map(SpiffeId::as_str).unwrap_or_default();
     match decision.verdict {
-        Verdict::Allow => true,
+        Verdict::Allow => Some(decision),
         Verdict::AuditDeny => {
             info!(peer = peer_id, port, policy = %decision.policy, "an audit-mode policy would refuse the connection; letting it through");
-            true
+            Some(decision)
         }
         Verdict::Deny => {
             info!(peer = peer_id, port, policy = %decision.policy, "authorization refused the connection");
-            false
+            proxy
+                .access_log
+                .write(&Entry::inbound(peer.map(SpiffeId::as_str), port, &decision));
+            None
         }
     }
 }
@@ -236,8 +241,13 @@ async fn revoked(proxy: &Proxy, peer: Option<&SpiffeId>) {
 }
 
 /// Connects to the app and relays; `peer` is the verified identity, if any.
-async fn to_app<C>(proxy: &Proxy, client: C, app: SocketAddr, peer: Option<&SpiffeId>)
-where
+async fn to_app<C>(
+    proxy: &Proxy,
+    client: C,
+    app: SocketAddr,
+    peer: Option<&SpiffeId>,
+    decision: &Decision,
+) where
     C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let upstream = match super::connect(&app.to_string(), proxy.limits.connect).await {
@@ -256,8 +266,9 @@ where
     let _active = proxy.metrics.opened(Inbound, security, peer_id);
     debug!(peer = peer_id, "inbound connection open");
     let bytes = proxy.metrics.bytes(Inbound);
+    let tally = Arc::new(Activity::new());
     tokio::select! {
-        relayed = relay(client, upstream, &bytes, proxy.limits.idle) => match relayed {
+        relayed = relay_tallied(client, upstream, &bytes, proxy.limits.idle, &tally) => match relayed {
             Ok((sent, received)) => debug!(sent, received, "inbound connection closed"),
             Err(error) => debug!(%error, "inbound connection ended with an error"),
         },
@@ -267,4 +278,12 @@ where
             info!(peer = peer_id, "the deny list names the peer: closed its open connection");
         }
     }
+    let (from_peer, from_app) = tally.moved();
+    proxy.access_log.write(
+        &Entry::inbound(peer.map(SpiffeId::as_str), app.port(), decision).relayed(
+            from_peer,
+            from_app,
+            tally.elapsed(),
+        ),
+    );
 }

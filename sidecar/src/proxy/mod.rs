@@ -14,6 +14,7 @@
 //! (the loop holds each connection's permit until its task ends), a span and
 //! a tracked task per connection, and a drain on shutdown.
 
+pub mod access;
 pub mod buffers;
 pub mod detect;
 pub mod handshake;
@@ -76,6 +77,8 @@ pub struct Proxy {
     pub metrics: Metrics,
     /// Timeouts.
     pub limits: Limits,
+    /// The opt-in access log.
+    pub access_log: access::AccessLog,
     connections: Arc<Semaphore>,
     tracker: TaskTracker,
 }
@@ -97,6 +100,7 @@ impl Proxy {
             destinations: Arc::new(Destinations::default()),
             metrics,
             limits,
+            access_log: access::AccessLog::Off,
             connections: Arc::new(Semaphore::new(max_connections.max(1))),
             tracker: TaskTracker::new(),
         }

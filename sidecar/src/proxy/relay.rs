@@ -41,9 +41,35 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let activity = Arc::new(Activity::new());
-    let mut client = Counted::new(client, counters.request.clone(), activity.clone());
-    let mut server = Counted::new(server, counters.response.clone(), activity.clone());
+    relay_tallied(client, server, counters, idle, &Arc::new(Activity::new())).await
+}
+
+/// [`relay`], counting into `tally` as bytes pass, so what moved is known
+/// also when the relay ends in an error or is dropped (a revoked peer).
+pub async fn relay_tallied<C, S>(
+    client: C,
+    server: S,
+    counters: &ByteCounters,
+    idle: Option<Duration>,
+    tally: &Arc<Activity>,
+) -> io::Result<(u64, u64)>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let activity = tally.clone();
+    let mut client = Counted::new(
+        client,
+        counters.request.clone(),
+        Side::Client,
+        activity.clone(),
+    );
+    let mut server = Counted::new(
+        server,
+        counters.response.clone(),
+        Side::Server,
+        activity.clone(),
+    );
     let copy = bidirectional(&mut client, &mut server);
     let Some(idle) = idle else {
         return copy.await;
@@ -116,22 +142,57 @@ where
     .await
 }
 
-/// When bytes last moved.
+/// When bytes last moved on one connection, and how many each way.
 #[derive(Debug)]
-struct Activity {
+pub struct Activity {
     start: Instant,
     last_ms: AtomicU64,
+    from_client: AtomicU64,
+    from_server: AtomicU64,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Which side a stream is.
+#[derive(Clone, Copy, Debug)]
+enum Side {
+    Client,
+    Server,
 }
 
 impl Activity {
-    fn new() -> Self {
+    /// Nothing moved yet; the clock starts now.
+    pub fn new() -> Self {
         Self {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
+            from_client: AtomicU64::new(0),
+            from_server: AtomicU64::new(0),
         }
     }
 
-    fn touch(&self) {
+    /// Bytes read so far from the client and from the server.
+    pub fn moved(&self) -> (u64, u64) {
+        (
+            self.from_client.load(Ordering::Relaxed),
+            self.from_server.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Time since [`Activity::new`].
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    fn touch(&self, side: Side, n: u64) {
+        match side {
+            Side::Client => self.from_client.fetch_add(n, Ordering::Relaxed),
+            Side::Server => self.from_server.fetch_add(n, Ordering::Relaxed),
+        };
         let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_ms.store(ms, Ordering::Relaxed);
     }
@@ -146,14 +207,16 @@ impl Activity {
 struct Counted<T> {
     inner: T,
     read: IntCounter,
+    side: Side,
     activity: Arc<Activity>,
 }
 
 impl<T> Counted<T> {
-    fn new(inner: T, read: IntCounter, activity: Arc<Activity>) -> Self {
+    fn new(inner: T, read: IntCounter, side: Side, activity: Arc<Activity>) -> Self {
         Self {
             inner,
             read,
+            side,
             activity,
         }
     }
@@ -170,7 +233,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
         let n = buf.filled().len() - before;
         if n > 0 {
             self.read.inc_by(n as u64);
-            self.activity.touch();
+            self.activity.touch(self.side, n as u64);
         }
         poll
     }
@@ -238,6 +301,28 @@ mod tests {
         assert_eq!((up, down), (7, 8));
         assert_eq!(counters.request.get(), 7);
         assert_eq!(counters.response.get(), 8);
+    }
+
+    #[tokio::test]
+    async fn the_tally_knows_what_moved_when_the_relay_is_dropped() {
+        let (mut app, client_side) = tokio::io::duplex(1024);
+        let (server_side, mut upstream) = tokio::io::duplex(1024);
+        let counters = counters();
+        let tally = Arc::new(Activity::new());
+        let relay = tokio::spawn({
+            let (counters, tally) = (counters.clone(), tally.clone());
+            async move { relay_tallied(client_side, server_side, &counters, None, &tally).await }
+        });
+        app.write_all(b"hello").await.expect("write");
+        let mut got = [0; 5];
+        upstream.read_exact(&mut got).await.expect("read");
+        upstream.write_all(b"hi").await.expect("write");
+        let mut back = [0; 2];
+        app.read_exact(&mut back).await.expect("read");
+        // Neither side closed: the relay is cut, as a revoked peer's is.
+        relay.abort();
+        assert!(relay.await.expect_err("aborted").is_cancelled());
+        assert_eq!(tally.moved(), (5, 2));
     }
 
     #[tokio::test(start_paused = true)]

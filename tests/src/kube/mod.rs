@@ -237,6 +237,14 @@ impl Builder {
         self
     }
 
+    /// Starts with the CRDs the chart ships (`helm/palisade/files/crds.yaml`),
+    /// so the kinds a Palisade control plane watches exist, as on a cluster
+    /// where the chart was installed.
+    pub fn palisade_crds(mut self) -> Self {
+        self.seed.objects.extend(chart_crds());
+        self
+    }
+
     /// Answers TokenReviews of `token` with `answer`.
     pub fn token_review(mut self, token: impl Into<String>, answer: TokenAnswer) -> Self {
         self.seed.token_reviews.insert(token.into(), answer);
@@ -595,3 +603,12 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 #[cfg(test)]
 mod tests;
+
+/// The CustomResourceDefinitions the chart ships, as JSON objects.
+pub fn chart_crds() -> Vec<Value> {
+    const CHART_CRDS: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../helm/palisade/files/crds.yaml"
+    ));
+    serde_saphyr::from_multiple(CHART_CRDS).expect("the chart's crds.yaml is YAML")
+}
