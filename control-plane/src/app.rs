@@ -253,6 +253,9 @@ impl App {
             metrics.clone(),
             stopped(),
         ));
+        // The webhook judges pods by the namespaces and policies the
+        // kubernetes source follows.
+        let mut posture = None;
         let discovery_service = match discovery {
             None => None,
             Some(DiscoveryParts {
@@ -269,6 +272,7 @@ impl App {
                         ));
                     }
                     (_, Some(client)) => {
+                        posture = Some(discovery.clone());
                         let (discovery, metrics, stop) =
                             (discovery.clone(), metrics.clone(), stopped());
                         tasks.spawn(async move {
@@ -307,12 +311,20 @@ impl App {
         if let (Some((listener, injection)), Some(w)) = (webhook, &config.webhook) {
             metrics.webhook_ready();
             metrics.watching(ReloadSource::InjectionConfig);
-            let injector = Arc::new(Injector::new(
+            let mut injector = Injector::new(
                 injection,
                 config.trust_domain.clone(),
                 metrics.clone(),
                 namespaces,
-            ));
+            );
+            match posture {
+                Some(discovery) => injector = injector.with_posture(discovery),
+                None => warn!(
+                    "the webhook runs without the kubernetes discovery source: it cannot see \
+                     namespace labels, so no namespace enforces the mesh (palisade.io/enforce)"
+                ),
+            }
+            let injector = Arc::new(injector);
             let tls = tls::server_config(serving.clone(), webhook::ALPN, None)
                 .context("building the webhook TLS configuration")?;
             let limits = WebhookLimits {

@@ -1,5 +1,6 @@
 //! The `kubernetes` source: kube-rs watchers on Pods, Services,
-//! EndpointSlices and the policy resources (`InboundPolicy`,
+//! EndpointSlices, Namespaces (whether each enforces the mesh, for the
+//! webhook) and the policy resources (`InboundPolicy`,
 //! `IdentityDenyList`), cluster-wide and read-only (RBAC: `list` and `watch`
 //! on each, nothing more). The policy CRDs must be installed: without them
 //! discovery never syncs, since a sidecar must not start from a state that
@@ -24,7 +25,7 @@ use std::{
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::{
-    core::v1::{Pod, Service},
+    core::v1::{Namespace, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -41,12 +42,13 @@ use super::{
     state::Discovery,
 };
 use crate::{
+    inject::posture::ENFORCE_LABEL,
     metrics::Metrics,
     policy::{IdentityDenyList, InboundPolicy, PolicyDef},
 };
 
 /// How many kinds are followed; discovery is synced when all are listed.
-const KINDS: usize = 5;
+const KINDS: usize = 6;
 
 /// A kind of object discovery follows, and what it keeps of one.
 trait Followed: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + 'static {
@@ -71,7 +73,8 @@ pub async fn run(client: Client, discovery: Arc<Discovery>, metrics: Metrics) {
         follow::<Service>(client.clone(), &discovery, &metrics, &listed),
         follow::<EndpointSlice>(client.clone(), &discovery, &metrics, &listed),
         follow::<InboundPolicy>(client.clone(), &discovery, &metrics, &listed),
-        follow::<IdentityDenyList>(client, &discovery, &metrics, &listed),
+        follow::<IdentityDenyList>(client.clone(), &discovery, &metrics, &listed),
+        follow::<Namespace>(client, &discovery, &metrics, &listed),
     );
 }
 
@@ -249,5 +252,33 @@ impl Followed for IdentityDenyList {
 
     fn put(discovery: &Discovery, key: String, def: Option<IdentityDenyList>) {
         discovery.put_deny_list(key, def);
+    }
+}
+
+impl Followed for Namespace {
+    const WHAT: &'static str = "namespaces";
+    /// Whether it enforces the mesh.
+    type Def = bool;
+
+    fn key(&self) -> String {
+        self.metadata.name.clone().unwrap_or_default()
+    }
+
+    fn def(&self, _: &TrustDomain) -> Option<bool> {
+        Some(
+            self.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(ENFORCE_LABEL))
+                .is_some_and(|v| v == "true"),
+        )
+    }
+
+    fn replace(discovery: &Discovery, all: Vec<(String, Option<bool>)>) {
+        discovery.replace_namespaces(all.into_iter().map(|(k, e)| (k, e == Some(true))).collect());
+    }
+
+    fn put(discovery: &Discovery, key: String, def: Option<bool>) {
+        discovery.put_namespace(key, def);
     }
 }

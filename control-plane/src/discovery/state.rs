@@ -45,7 +45,7 @@ use super::{
     services::{ServiceDef, Services, SliceDef},
 };
 use crate::policy::{
-    DenyDef, IdentityDenyList, MeshDefault, PolicyDef, pod_policy,
+    Admission, DenyDef, IdentityDenyList, MeshDefault, PodFacts, PolicyDef, admission, pod_policy,
     resources::{Action, Mode},
 };
 
@@ -107,6 +107,19 @@ struct Model {
     policies: BTreeMap<String, Arc<PolicyDef>>,
     /// By name.
     deny_lists: BTreeMap<String, IdentityDenyList>,
+    /// The namespaces that enforce the mesh (label `palisade.io/enforce=true`).
+    enforced: BTreeSet<String>,
+}
+
+impl Model {
+    /// The policies of `namespace`, in name order.
+    fn policies_of(&self, namespace: &str) -> impl Iterator<Item = &PolicyDef> {
+        let prefix = format!("{namespace}/");
+        self.policies
+            .range(prefix.clone()..)
+            .take_while(move |(k, _)| k.starts_with(&prefix))
+            .map(|(_, p)| &**p)
+    }
 }
 
 /// What discovery knows, shared by its sources and its streams.
@@ -304,6 +317,43 @@ impl Discovery {
         });
     }
 
+    /// Replaces every namespace with `namespaces` (a list, or a relist):
+    /// each name and whether it enforces the mesh. Streams are not told:
+    /// only the webhook reads it.
+    pub fn replace_namespaces(&self, namespaces: Vec<(String, bool)>) {
+        let mut published = self.lock();
+        published.model.enforced = namespaces
+            .into_iter()
+            .filter_map(|(name, enforced)| enforced.then_some(name))
+            .collect();
+    }
+
+    /// The namespace `name` added or changed (whether it enforces the
+    /// mesh), or gone.
+    pub fn put_namespace(&self, name: String, enforced: Option<bool>) {
+        let mut published = self.lock();
+        if enforced == Some(true) {
+            published.model.enforced.insert(name);
+        } else {
+            published.model.enforced.remove(&name);
+        }
+    }
+
+    /// For the webhook: whether `pod`'s namespace enforces the mesh and
+    /// what the policies selecting it let its author loosen; `None` until
+    /// discovery has synced (namespaces and policies listed).
+    pub fn admission(&self, pod: &PodFacts) -> Option<(bool, Admission)> {
+        if !self.is_synced() {
+            return None;
+        }
+        let published = self.lock();
+        let model = &published.model;
+        Some((
+            model.enforced.contains(&pod.namespace),
+            admission(pod, model.policies_of(&pod.namespace), self.mesh_default),
+        ))
+    }
+
     /// Replaces every Service with `services` (a list, or a relist); `None`
     /// for one without a cluster address.
     pub fn replace_services(&self, services: Vec<(String, Option<ServiceDef>)>) {
@@ -347,6 +397,7 @@ impl Discovery {
                 services: s,
                 policies,
                 deny_lists,
+                ..
             } = m;
             let addresses = d.replace_workloads(file.workloads);
             *policies = file
@@ -542,13 +593,11 @@ impl Discovery {
         let published = self.lock();
         let model = &published.model;
         let facts = model.directory.get(key)?.facts.as_ref()?;
-        let prefix = format!("{}/", facts.namespace);
-        let in_namespace = model
-            .policies
-            .range(prefix.clone()..)
-            .take_while(|(k, _)| k.starts_with(&prefix))
-            .map(|(_, p)| &**p);
-        Some(pod_policy(facts, in_namespace, self.mesh_default))
+        Some(pod_policy(
+            facts,
+            model.policies_of(&facts.namespace),
+            self.mesh_default,
+        ))
     }
 
     /// The deny list now.

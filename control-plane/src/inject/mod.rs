@@ -17,6 +17,7 @@ use std::{sync::Arc, time::Instant};
 use arc_swap::ArcSwap;
 use base64::Engine;
 use http::StatusCode;
+use k8s_openapi::api::core::v1::Pod;
 use kube::core::{
     DynamicObject,
     admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation},
@@ -26,16 +27,23 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::metrics::{LabelValue, Metrics};
+use crate::{
+    discovery::Discovery,
+    metrics::{LabelValue, Metrics},
+    policy::PodFacts,
+};
 
 pub mod config;
 pub mod patch;
+pub mod posture;
+pub mod probes;
 pub mod server;
 #[cfg(test)]
 mod tests;
 
 pub use config::InjectionConfig;
 pub use patch::{Decision, PodError, Skip};
+pub use posture::Posture;
 
 /// The only AdmissionReview version this webhook speaks.
 pub const ADMISSION_V1: &str = "admission.k8s.io/v1";
@@ -84,6 +92,14 @@ pub enum ReviewReason {
     BadRequest,
     /// The patch could not be serialized.
     Internal,
+    /// The namespace enforces the mesh and the pod would slip out of it.
+    Enforced,
+    /// A probe cannot be rewritten (a named port the container lacks, a
+    /// host other than the pod).
+    BadProbe,
+    /// The namespace and policy caches have not synced yet (HTTP 503: the
+    /// API server's `failurePolicy: Fail` turns it into a retry).
+    NotSynced,
 }
 
 /// Answers AdmissionReviews with the current injection configuration.
@@ -95,6 +111,10 @@ pub struct Injector {
     /// Namespaces that just got an injected pod: the bundle publisher makes
     /// sure their trust-bundle ConfigMap exists.
     namespaces: Option<mpsc::Sender<String>>,
+    /// Which namespaces enforce the mesh and what policies allow: discovery's
+    /// caches. Without them no namespace is enforced (a control plane
+    /// without the `kubernetes` discovery source).
+    posture: Option<Arc<Discovery>>,
 }
 
 /// An HTTP answer to one webhook call.
@@ -135,7 +155,10 @@ impl ReviewReason {
             | Self::BadIdentity
             | Self::NameConflict
             | Self::BadRequest
-            | Self::Internal => &[ReviewResult::Denied],
+            | Self::Internal
+            | Self::Enforced
+            | Self::BadProbe
+            | Self::NotSynced => &[ReviewResult::Denied],
             // An unreadable review, or a pod whose fields are not a pod's.
             Self::Malformed => &[ReviewResult::Invalid, ReviewResult::Denied],
             Self::UnsupportedVersion => &[ReviewResult::Invalid],
@@ -158,7 +181,36 @@ impl Injector {
             trust_domain,
             metrics,
             namespaces,
+            posture: None,
         }
+    }
+
+    /// Judges pods by the posture `discovery` knows (namespaces, policies);
+    /// until it has synced, pod reviews are answered 503.
+    #[must_use]
+    pub fn with_posture(mut self, discovery: Arc<Discovery>) -> Self {
+        self.posture = Some(discovery);
+        self
+    }
+
+    /// The posture of `pod` in `namespace`; `None` while the caches have
+    /// not synced.
+    fn posture_of(&self, pod: &Value, namespace: &str) -> Option<Posture> {
+        let Some(discovery) = &self.posture else {
+            return Some(Posture::open(namespace));
+        };
+        // What policies select depends on the pod's labels and ports; a pod
+        // that is not a Pod gets none (patch::decide refuses it anyway).
+        let mut facts = serde_json::from_value::<Pod>(pod.clone())
+            .map(|p| PodFacts::of(&p))
+            .unwrap_or_default();
+        facts.namespace = namespace.to_owned();
+        let (enforced, admission) = discovery.admission(&facts)?;
+        Some(Posture {
+            namespace: namespace.to_owned(),
+            enforced,
+            admission,
+        })
     }
 
     /// Replaces the injection configuration; pods admitted from now on get the new one.
@@ -236,15 +288,12 @@ impl Injector {
         };
 
         let response = AdmissionResponse::from(&request);
-        let is_pod = request.kind.group.is_empty()
-            && request.kind.kind == "Pod"
-            && request
-                .sub_resource
-                .as_deref()
-                .unwrap_or_default()
-                .is_empty();
-        let object = match (&request.operation, is_pod, &request.object) {
-            (Operation::Create, true, Some(object)) => object,
+        let is_pod = request.kind.group.is_empty() && request.kind.kind == "Pod";
+        let sub_resource = request.sub_resource.as_deref().unwrap_or_default();
+        let ephemeral = sub_resource == "ephemeralcontainers";
+        let object = match (&request.operation, is_pod, sub_resource, &request.object) {
+            (Operation::Create, true, "", Some(object)) => object,
+            (Operation::Update, true, "ephemeralcontainers", Some(object)) => object,
             _ => {
                 debug!(uid = %request.uid, kind = %request.kind.kind, op = ?request.operation, "not a pod creation; allowed unchanged");
                 return (
@@ -283,8 +332,31 @@ impl Injector {
         };
         let name = pod_name(&pod, &request.name);
 
+        let Some(posture) = self.posture_of(&pod, &namespace) else {
+            let why = "the webhook's caches of namespaces and policies have not synced yet; retry";
+            info!(uid = %request.uid, pod = %name, %namespace, "refused a pod review: {why}");
+            return (
+                unavailable(why),
+                ReviewResult::Denied,
+                ReviewReason::NotSynced,
+            );
+        };
+        if ephemeral {
+            let old = request
+                .old_object
+                .as_ref()
+                .and_then(|o| serde_json::to_value(o).ok());
+            return match posture.check_ephemeral(&pod, old.as_ref()) {
+                Ok(()) => (ok(response), ReviewResult::Skipped, ReviewReason::NotPodCreate),
+                Err(error) => {
+                    info!(uid = %request.uid, pod = %name, %namespace, %error, "refused an ephemeral container");
+                    (refusal(response, &error), ReviewResult::Denied, error.reason())
+                }
+            };
+        }
+
         let config = self.config.load();
-        match patch::decide(&pod, &namespace, &self.trust_domain, &config) {
+        match patch::decide(&pod, &namespace, &self.trust_domain, &config, &posture) {
             Ok(Decision::Inject { identity, patch }) => {
                 let ops = patch.0.len();
                 match response.clone().with_patch(patch) {
@@ -314,11 +386,7 @@ impl Injector {
             }
             Err(error) => {
                 info!(uid = %request.uid, pod = %name, %namespace, %error, "refused the pod");
-                let reason = error.reason();
-                let mut response = response.deny(format!("palisade sidecar injection: {error}"));
-                response.result.code = 400;
-                response.result.reason = "BadRequest".to_owned();
-                (ok(response), ReviewResult::Denied, reason)
+                (refusal(response, &error), ReviewResult::Denied, error.reason())
             }
         }
     }
@@ -342,6 +410,26 @@ fn pod_name(pod: &Value, request_name: &str) -> String {
 fn ok(response: AdmissionResponse) -> Reply {
     Reply {
         status: StatusCode::OK,
+        review: response.into_review(),
+    }
+}
+
+/// A pod refused, with what to change.
+fn refusal(response: AdmissionResponse, error: &PodError) -> Reply {
+    let mut response = response.deny(format!("palisade sidecar injection: {error}"));
+    response.result.code = 400;
+    response.result.reason = "BadRequest".to_owned();
+    ok(response)
+}
+
+/// The webhook cannot judge yet: an HTTP error the API server treats as a
+/// failed call (with `failurePolicy: Fail`, the creation fails and its
+/// controller retries).
+fn unavailable(why: &str) -> Reply {
+    let mut response = AdmissionResponse::invalid(why);
+    response.result.code = 503;
+    Reply {
+        status: StatusCode::SERVICE_UNAVAILABLE,
         review: response.into_review(),
     }
 }

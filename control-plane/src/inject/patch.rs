@@ -14,6 +14,8 @@ use serde_json::{Value, json};
 use crate::policy::resources::Action;
 
 use super::{
+    posture::{PROXY_UID, Posture},
+    probes::{self, ORIGINAL_PROBES},
     ReviewReason,
     config::{AccessLog, InboundMode, InjectionConfig},
 };
@@ -45,7 +47,6 @@ const INIT_RUN_VOLUME: &str = "palisade-init-run";
 const TOKEN_DIR: &str = "/var/run/secrets/palisade";
 const BUNDLE_DIR: &str = "/var/run/palisade/bundle";
 const ADMIN_PORT: u16 = 15020;
-const PROXY_UID: i64 = 1337;
 
 /// What to do with a pod.
 #[derive(Debug)]
@@ -84,6 +85,16 @@ pub enum PodError {
     NameConflict(String),
     #[error("{0} is not what a pod has there")]
     Malformed(&'static str),
+    #[error(
+        "namespace {namespace} enforces the mesh (label palisade.io/enforce=true): {what}; {fix}"
+    )]
+    Enforced {
+        namespace: String,
+        what: String,
+        fix: String,
+    },
+    #[error("{0}")]
+    Probe(String),
 }
 
 // === impl Skip ===
@@ -109,17 +120,21 @@ impl PodError {
             Self::BadIdentity { .. } => ReviewReason::BadIdentity,
             Self::NameConflict(_) => ReviewReason::NameConflict,
             Self::Malformed(_) => ReviewReason::Malformed,
+            Self::Enforced { .. } => ReviewReason::Enforced,
+            Self::Probe(_) => ReviewReason::BadProbe,
         }
     }
 }
 
-/// Decides what to do with `pod`, created in `namespace`.
+/// Decides what to do with `pod`, created in `namespace`, under `posture`.
 pub fn decide(
     pod: &Value,
     namespace: &str,
     trust_domain: &TrustDomain,
     config: &InjectionConfig,
+    posture: &Posture,
 ) -> Result<Decision, PodError> {
+    posture.check_pod(pod)?;
     let annotations = object_at(pod, "/metadata/annotations", "metadata.annotations")?;
     let annotation = |key: &str| annotations.and_then(|a| a.get(key)).and_then(Value::as_str);
     let spec = object_at(pod, "/spec", "spec")?.ok_or(PodError::Malformed("spec"))?;
@@ -143,22 +158,30 @@ pub fn decide(
         return Ok(Decision::Skip(Skip::HostNetwork));
     }
 
-    let ports = |key: &'static str, base: &[u16]| -> Result<String, PodError> {
-        let mut all: BTreeSet<u16> = base.iter().copied().collect();
-        if let Some(text) = annotation(key) {
-            all.extend(parse_ports(key, text)?);
-        }
-        Ok(all.iter().map(u16::to_string).collect::<Vec<_>>().join(","))
+    let asked = |key: &'static str| -> Result<Vec<u16>, PodError> {
+        annotation(key).map_or(Ok(Vec::new()), |text| parse_ports(key, text))
     };
-    let exclude_outbound = ports(
-        EXCLUDE_OUTBOUND_PORTS,
-        &config.sidecar.exclude_outbound_ports,
-    )?;
-    let exclude_inbound = ports(EXCLUDE_INBOUND_PORTS, &config.sidecar.exclude_inbound_ports)?;
-    let server_first = ports(SERVER_FIRST_PORTS, &config.sidecar.server_first_ports)?;
+    let joined = |base: &[u16], asked: Vec<u16>| -> String {
+        let all: BTreeSet<u16> = base.iter().copied().chain(asked).collect();
+        all.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
+    };
+    let asked_outbound = asked(EXCLUDE_OUTBOUND_PORTS)?;
+    posture.check_outbound_exclusions(EXCLUDE_OUTBOUND_PORTS, &asked_outbound)?;
+    let exclude_outbound = joined(&config.sidecar.exclude_outbound_ports, asked_outbound);
+    let asked_inbound = asked(EXCLUDE_INBOUND_PORTS)?;
+    posture.check_inbound_exclusions(EXCLUDE_INBOUND_PORTS, &asked_inbound)?;
+    let exclude_inbound = joined(&config.sidecar.exclude_inbound_ports, asked_inbound);
+    let server_first = joined(
+        &config.sidecar.server_first_ports,
+        asked(SERVER_FIRST_PORTS)?,
+    );
     let mode = match annotation(INBOUND_MODE).map(str::trim) {
+        None if posture.enforced && posture.admission.strict => InboundMode::Strict,
         None => config.sidecar.inbound_mode,
-        Some("permissive") => InboundMode::Permissive,
+        Some("permissive") => {
+            posture.check_mode(INBOUND_MODE, true)?;
+            InboundMode::Permissive
+        }
         Some("strict") => InboundMode::Strict,
         Some(other) => {
             return Err(PodError::BadAnnotation {
@@ -208,19 +231,27 @@ pub fn decide(
         }
     }
 
+    let probes = probes::rewrite(pod, ADMIN_PORT)?;
+    let app_probes = probes.env();
+
     let settings = Settings {
         identity: &identity,
         trust_domain,
         mode,
         access_log,
+        app_probes: app_probes.as_deref(),
         exclude_outbound: &exclude_outbound,
         exclude_inbound: &exclude_inbound,
         server_first: &server_first,
     };
-    let mut ops = Vec::new();
+    // The probes first: the containers are still where the pod has them.
+    let mut ops = probes.ops.clone();
 
     // metadata: the injected marker, the label, the scrape annotations.
     let mut new_annotations = vec![(INJECTED, json!(env!("CARGO_PKG_VERSION")))];
+    if let Some(originals) = probes.annotation() {
+        new_annotations.push((ORIGINAL_PROBES, json!(originals)));
+    }
     if config.prometheus_scrape && annotation("prometheus.io/scrape").is_none() {
         new_annotations.push(("prometheus.io/scrape", json!("true")));
         new_annotations.push(("prometheus.io/port", json!(ADMIN_PORT.to_string())));
@@ -287,6 +318,8 @@ struct Settings<'a> {
     trust_domain: &'a TrustDomain,
     mode: InboundMode,
     access_log: AccessLog,
+    /// `PALISADE_APP_PROBES`: the probes the sidecar performs for kubelet.
+    app_probes: Option<&'a str>,
     exclude_outbound: &'a str,
     exclude_inbound: &'a str,
     server_first: &'a str,
@@ -375,6 +408,11 @@ fn sidecar_container(config: &InjectionConfig, s: &Settings<'_>) -> Value {
     }
     if s.access_log == AccessLog::Json {
         env.push(env_var("PALISADE_ACCESS_LOG", "json"));
+    }
+    if let Some(probes) = s.app_probes {
+        env.push(env_var("PALISADE_APP_PROBES", probes));
+        // The probes go where kubelet's would: the pod's address.
+        env.push(json!({"name": "PALISADE_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}));
     }
     if !sidecar.mesh_networks.is_empty() {
         let nets: Vec<String> = sidecar

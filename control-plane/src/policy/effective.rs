@@ -60,6 +60,8 @@ pub struct PolicyDef {
     /// `namespace/name`.
     pub name: String,
     selector: Selector,
+    /// The ports its pods may take out of inbound capture.
+    excludable: Ports,
     mode: Option<Mode>,
     default_action: Option<Action>,
     audit: bool,
@@ -75,10 +77,27 @@ enum Selector {
     Labels(PodSelector),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct RuleDef {
+/// Ports as a resource names them: numbers, and container port names
+/// resolved per pod.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Ports {
     numbers: Vec<u16>,
     names: Vec<String>,
+}
+
+/// What an admitted pod's author may and may not loosen, from the policies
+/// that select it (see `inject::posture`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Admission {
+    /// The pod's inbound mode without its own annotation is strict.
+    pub strict: bool,
+    /// Ports a selecting policy lets it exclude from inbound capture.
+    pub excludable: BTreeSet<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct RuleDef {
+    ports: Ports,
     identities: BTreeSet<String>,
     namespaces: BTreeSet<String>,
 }
@@ -111,28 +130,12 @@ impl PolicyDef {
             .iter()
             .enumerate()
             .map(|(i, rule)| {
+                let ports = Ports::of(&rule.ports, &format!("rule {}", i + 1), &mut problems);
                 let mut def = RuleDef {
-                    numbers: Vec::new(),
-                    names: Vec::new(),
+                    ports,
                     identities: BTreeSet::new(),
                     namespaces: BTreeSet::new(),
                 };
-                for port in &rule.ports {
-                    match port {
-                        PortRef::Number(n) => match u16::try_from(*n) {
-                            Ok(p) if p != 0 => def.numbers.push(p),
-                            _ => problems.push(format!(
-                                "rule {}: port {n} is not in 1..=65535; dropped",
-                                i + 1
-                            )),
-                        },
-                        PortRef::Name(name) => match name.parse::<u16>() {
-                            // `"8080"` in YAML quotes is still a number.
-                            Ok(p) if p != 0 => def.numbers.push(p),
-                            _ => def.names.push(name.clone()),
-                        },
-                    }
-                }
                 for (j, caller) in rule.allow.iter().enumerate() {
                     if let Err(why) = def.allow(caller, trust_domain) {
                         problems.push(format!("rule {}, caller {}: {why}; dropped", i + 1, j + 1));
@@ -141,10 +144,12 @@ impl PolicyDef {
                 def
             })
             .collect();
+        let excludable = Ports::of(&spec.excludable_ports, "excludablePorts", &mut problems);
         Self {
             namespace,
             name,
             selector,
+            excludable,
             mode: spec.mode,
             default_action: spec.default_action,
             audit: spec.enforcement == Enforcement::Audit,
@@ -179,17 +184,7 @@ impl PolicyDef {
             .rules
             .iter()
             .filter_map(|rule| {
-                let mut ports: Vec<u32> = rule
-                    .numbers
-                    .iter()
-                    .copied()
-                    .chain(
-                        rule.names
-                            .iter()
-                            .filter_map(|n| pod.named_ports.get(n).copied()),
-                    )
-                    .map(u32::from)
-                    .collect();
+                let mut ports: Vec<u32> = rule.ports.resolve(pod).map(u32::from).collect();
                 ports.sort_unstable();
                 ports.dedup();
                 // A rule whose ports the pod does not have covers nothing.
@@ -210,6 +205,64 @@ impl PolicyDef {
             rules,
         }
     }
+}
+
+// === impl Ports ===
+
+impl Ports {
+    /// Reads `ports` of the field `what`; a number out of range is dropped
+    /// (and said in `problems`).
+    fn of(ports: &[PortRef], what: &str, problems: &mut Vec<String>) -> Self {
+        let mut out = Self::default();
+        for port in ports {
+            match port {
+                PortRef::Number(n) => match u16::try_from(*n) {
+                    Ok(p) if p != 0 => out.numbers.push(p),
+                    _ => problems.push(format!("{what}: port {n} is not in 1..=65535; dropped")),
+                },
+                PortRef::Name(name) => match name.parse::<u16>() {
+                    // `"8080"` in YAML quotes is still a number.
+                    Ok(p) if p != 0 => out.numbers.push(p),
+                    _ => out.names.push(name.clone()),
+                },
+            }
+        }
+        out
+    }
+
+    /// The numbers, with names resolved against `pod` (a name it lacks is
+    /// no port).
+    fn resolve<'a>(&'a self, pod: &'a PodFacts) -> impl Iterator<Item = u16> + 'a {
+        self.numbers.iter().copied().chain(
+            self.names
+                .iter()
+                .filter_map(|n| pod.named_ports.get(n).copied()),
+        )
+    }
+}
+
+/// What the policies selecting `pod` let its author loosen, under the
+/// combination rule of [`pod_policy`]: the strict mode of any selecting
+/// policy wins; a policy's `permissive` loosens the mesh default; with no
+/// mode set, the mesh default holds (audit-mode policies set no mode).
+/// Excludable ports are united.
+pub fn admission<'a>(
+    pod: &PodFacts,
+    policies: impl IntoIterator<Item = &'a PolicyDef>,
+    default: MeshDefault,
+) -> Admission {
+    let mut admission = Admission::default();
+    let (mut strict, mut permissive) = (false, false);
+    for policy in policies.into_iter().filter(|p| p.selects(pod)) {
+        admission.excludable.extend(policy.excludable.resolve(pod));
+        // An audit-mode policy enforces no mode (as in the sidecar).
+        if !policy.audit {
+            strict |= policy.mode == Some(Mode::Strict);
+            permissive |= policy.mode == Some(Mode::Permissive);
+        }
+    }
+    admission.strict = strict || (!permissive && default.mode == Mode::Strict);
+    admission
 }
 
 /// The selector as kept: a malformed expression selects every pod.

@@ -11,7 +11,7 @@ pub mod effective;
 pub mod resources;
 
 pub use self::{
-    effective::{DenyDef, MeshDefault, PodFacts, PolicyDef, pod_policy},
+    effective::{Admission, DenyDef, MeshDefault, PodFacts, PolicyDef, admission, pod_policy},
     resources::{IdentityDenyList, InboundPolicy, crds_yaml},
 };
 

@@ -5,7 +5,10 @@ use serde_json::{Value, json};
 use super::*;
 use crate::inject::patch::{INIT_CONTAINER, SIDECAR_CONTAINER};
 
-const CONFIG: &str = r#"
+mod posture;
+mod probes;
+
+pub(super) const CONFIG: &str = r#"
 sidecar:
   image: ghcr.io/palisade-mesh/palisade-sidecar:0.1.0
   resources:
@@ -21,7 +24,7 @@ controlPlane:
   serverName: palisade-control-plane.palisade.svc
 "#;
 
-fn injector() -> (Injector, Registry) {
+pub(super) fn injector() -> (Injector, Registry) {
     let registry = Registry::new();
     let metrics = Metrics::register(&registry).expect("fresh registry");
     let config = InjectionConfig::parse(CONFIG).expect("valid config");
@@ -29,7 +32,7 @@ fn injector() -> (Injector, Registry) {
     (Injector::new(config, td, metrics, None), registry)
 }
 
-fn pod(annotations: Value, spec: Value) -> Value {
+pub(super) fn pod(annotations: Value, spec: Value) -> Value {
     let mut pod = json!({
         "apiVersion": "v1",
         "kind": "Pod",
@@ -42,7 +45,7 @@ fn pod(annotations: Value, spec: Value) -> Value {
     pod
 }
 
-fn web_spec() -> Value {
+pub(super) fn web_spec() -> Value {
     json!({
         "serviceAccountName": "web",
         "containers": [{"name": "web", "image": "web:1"}],
@@ -50,7 +53,7 @@ fn web_spec() -> Value {
     })
 }
 
-fn review_of(pod: &Value, operation: &str) -> Vec<u8> {
+pub(super) fn review_of(pod: &Value, operation: &str) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "apiVersion": "admission.k8s.io/v1",
         "kind": "AdmissionReview",
@@ -70,7 +73,7 @@ fn review_of(pod: &Value, operation: &str) -> Vec<u8> {
 }
 
 /// The response as the API server reads it, and the pod after its patch.
-fn run(injector: &Injector, pod: &Value) -> (StatusCode, Value, Value) {
+pub(super) fn run(injector: &Injector, pod: &Value) -> (StatusCode, Value, Value) {
     let reply = injector.review(&review_of(pod, "CREATE"));
     let body = reply.body();
     let mut patched = pod.clone();
@@ -84,7 +87,7 @@ fn run(injector: &Injector, pod: &Value) -> (StatusCode, Value, Value) {
     (reply.status, body, patched)
 }
 
-fn env_of(container: &Value) -> Vec<(String, String)> {
+pub(super) fn env_of(container: &Value) -> Vec<(String, String)> {
     container["env"]
         .as_array()
         .expect("env list")
@@ -92,17 +95,26 @@ fn env_of(container: &Value) -> Vec<(String, String)> {
         .map(|e| {
             (
                 e["name"].as_str().expect("name").to_owned(),
-                e["value"].as_str().expect("value").to_owned(),
+                match e["value"].as_str() {
+                    Some(value) => value.to_owned(),
+                    // The downward API: `fieldRef:status.podIP`.
+                    None => format!(
+                        "fieldRef:{}",
+                        e["valueFrom"]["fieldRef"]["fieldPath"]
+                            .as_str()
+                            .expect("a value or a fieldRef")
+                    ),
+                },
             )
         })
         .collect()
 }
 
-fn env<'a>(env: &'a [(String, String)], name: &str) -> Option<&'a str> {
+pub(super) fn env<'a>(env: &'a [(String, String)], name: &str) -> Option<&'a str> {
     env.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
 }
 
-fn count(registry: &Registry, result: &str, reason: &str) -> u64 {
+pub(super) fn count(registry: &Registry, result: &str, reason: &str) -> u64 {
     let allowed = ReviewReason::ALL
         .iter()
         .filter(|r| r.as_str() == reason)
@@ -473,6 +485,9 @@ fn review_labels_are_the_documented_spellings_and_start_at_zero() {
             "unsupported_version",
             "bad_request",
             "internal",
+            "enforced",
+            "bad_probe",
+            "not_synced",
         ]
     );
     let registry = Registry::new();
@@ -490,7 +505,7 @@ fn review_labels_are_the_documented_spellings_and_start_at_zero() {
         .map(|f| f.get_metric().len())
         .sum();
     assert_eq!(
-        series, 13,
+        series, 16,
         "one series per (result, reason) pair that can occur"
     );
 }
