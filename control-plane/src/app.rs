@@ -354,6 +354,7 @@ impl App {
             config: Arc::new(
                 serde_json::to_value(&config).context("serializing the configuration")?,
             ),
+            routes: axum::Router::new(),
         };
         let admin_server = tokio::spawn(admin::serve(admin, admin_state, stopped()));
 

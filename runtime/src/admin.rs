@@ -1,5 +1,6 @@
 //! The admin server on 15014: `/metrics` (Prometheus text), `/ready`, `/live`,
-//! and `/config` (the running configuration, which holds no secrets).
+//! and `/config` (the running configuration, which holds no secrets), beside
+//! the routes of the binary's own ([`AdminState::routes`]).
 
 use std::{
     future::Future,
@@ -28,6 +29,8 @@ pub struct AdminState {
     pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
     /// The running configuration as JSON.
     pub config: Arc<serde_json::Value>,
+    /// Routes of the binary's own, served beside these.
+    pub routes: Router,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -53,7 +56,8 @@ pub async fn serve(
         .route("/ready", get(ready))
         .route("/live", get(|| async { "live\n" }))
         .route("/config", get(config))
-        .with_state(state);
+        .with_state(state.clone())
+        .merge(state.routes);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

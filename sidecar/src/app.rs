@@ -20,6 +20,7 @@ use crate::{
     identity::{IdentityClient, refresh},
     metrics::Metrics,
     policy::{Policy, PolicyStore},
+    probe::Prober,
     proxy::{self, Proxy, inbound, outbound},
     tls::{CertStore, files},
 };
@@ -150,6 +151,11 @@ impl App {
             config: Arc::new(
                 serde_json::to_value(&config).context("serializing the configuration")?,
             ),
+            routes: Arc::new(
+                Prober::new(config.app_probes.clone(), config.pod_ip)
+                    .context("preparing the app's probes")?,
+            )
+            .routes(),
         };
         let admin_stop = stop.clone();
         tasks.spawn(async move {

@@ -22,7 +22,7 @@ pub mod credentials;
 pub mod discovery;
 pub mod identity;
 pub mod metrics;
-pub mod probe;
 pub mod policy;
+pub mod probe;
 pub mod proxy;
 pub mod tls;

@@ -434,6 +434,8 @@ DISCOVERY_RBAC = {
     ("policy.palisade.io", "inboundpolicies", "watch", None),
     ("policy.palisade.io", "identitydenylists", "list", None),
     ("policy.palisade.io", "identitydenylists", "watch", None),
+    # Which namespaces enforce the mesh, for the webhook's posture checks.
+    ("", "namespaces", "watch", None),
 }
 # The one rule discovery adds for the policy resources, as written.
 POLICY_RULE = {
@@ -475,15 +477,16 @@ def test_rbac_is_exactly_what_the_control_plane_calls(scenario: str) -> None:
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_rbac_on_pods_is_list_and_watch_only_with_discovery(scenario: str) -> None:
-    """Discovery reads Pods, Services, EndpointSlices and the policies cluster-wide and nothing more; without it, none of them."""
+    """Discovery reads Pods, Services, EndpointSlices, the policies and Namespaces cluster-wide and nothing more;
+    without it, only the list of Namespaces the trust bundle needs."""
     grants = rbac_grants(one(docs_of(scenario), "ClusterRole"))
     # Subresources too (pods/log, pods/exec, inboundpolicies/status): nothing that starts with their names.
-    watched = ("pods", "services", "endpointslices", "inboundpolicies", "identitydenylists")
+    watched = ("pods", "services", "endpointslices", "inboundpolicies", "identitydenylists", "namespaces")
     on_them = {g for g in grants if g[1].split("/")[0] in watched}
     if discovery_enabled(scenario):
-        assert on_them == DISCOVERY_RBAC
+        assert on_them == DISCOVERY_RBAC | {("", "namespaces", "list", None)}
     else:
-        assert on_them == set()
+        assert on_them == {("", "namespaces", "list", None)}
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -721,46 +724,70 @@ def test_webhook(scenario: str) -> None:
     docs = docs_of(scenario)
     values = load_values(scenario)
     config = one(docs, "MutatingWebhookConfiguration")
-    (hook,) = config["webhooks"]
-    assert hook["name"] == "inject.palisade.io"
+    inject, enforce = config["webhooks"]
+    assert (inject["name"], enforce["name"]) == ("inject.palisade.io", "enforce.palisade.io")
     service = one(docs, "Service")
     webhook_port = {p["name"]: p["port"] for p in service["spec"]["ports"]}["https-webhook"]
-    assert hook["clientConfig"]["service"] == {
-        "name": service["metadata"]["name"],
-        "namespace": NAMESPACE,
-        "path": "/inject",
-        "port": webhook_port,
+    pods = {
+        "operations": ["CREATE"],
+        "apiGroups": [""],
+        "apiVersions": ["v1"],
+        "resources": ["pods"],
+        "scope": "Namespaced",
     }
-    assert hook["rules"] == [
-        {
-            "operations": ["CREATE"],
-            "apiGroups": [""],
-            "apiVersions": ["v1"],
-            "resources": ["pods"],
-            "scope": "Namespaced",
+    expected = values.get("webhook", {})
+    secrets = [d for d in docs if d["kind"] == "Secret"]
+    for hook, path in [(inject, "/inject"), (enforce, "/enforce")]:
+        assert hook["clientConfig"]["service"] == {
+            "name": service["metadata"]["name"],
+            "namespace": NAMESPACE,
+            "path": path,
+            "port": webhook_port,
         }
+        assert hook["sideEffects"] == "NoneOnDryRun"
+        assert hook["admissionReviewVersions"] == ["v1"]
+        assert hook["matchPolicy"] == "Equivalent"
+        assert hook["reinvocationPolicy"] == "Never"
+        assert hook["timeoutSeconds"] == expected.get("timeoutSeconds", 10)
+        if secrets:
+            # A chart-made CA: the root is there from the first second.
+            assert hook["clientConfig"]["caBundle"] == secrets[0]["data"]["ca.crt"]
+        else:
+            # Bring your own: the control plane fills it in; the chart never does.
+            assert "caBundle" not in hook["clientConfig"]
+    # Opted-in namespaces go to exactly one entry: /enforce where they also
+    # enforce the mesh. The control plane's own namespace to neither.
+    for hook, operator in [(inject, "NotIn"), (enforce, "In")]:
+        assert hook["namespaceSelector"] == {
+            "matchLabels": {"palisade.io/inject": "enabled"},
+            "matchExpressions": [
+                {"key": "palisade.io/enforce", "operator": operator, "values": ["true"]},
+                {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": [NAMESPACE]},
+            ],
+        }
+    assert inject["rules"] == [pods]
+    # kubectl debug goes through pods/ephemeralcontainers.
+    assert enforce["rules"] == [
+        pods,
+        {**pods, "operations": ["UPDATE"], "resources": ["pods/ephemeralcontainers"]},
     ]
-    assert hook["namespaceSelector"] == {"matchLabels": {"palisade.io/inject": "enabled"}}
-    assert hook["objectSelector"] == {
+    # A pod opts out only where the namespace does not enforce the mesh;
+    # there every pod reaches the webhook, which refuses the opt-out.
+    assert inject["objectSelector"] == {
         "matchExpressions": [{"key": "palisade.io/inject", "operator": "NotIn", "values": ["disabled", "false"]}]
     }
+    assert "objectSelector" not in enforce
     # The control plane's own pods are never selected.
     deployment = one(docs, "Deployment")
     assert pod_labels(deployment)["palisade.io/inject"] in ("disabled", "false")
-    assert hook["sideEffects"] == "NoneOnDryRun"
-    assert hook["admissionReviewVersions"] == ["v1"]
-    assert hook["matchPolicy"] == "Equivalent"
-    assert hook["reinvocationPolicy"] == "Never"
-    expected = values.get("webhook", {})
-    assert hook["failurePolicy"] == expected.get("failurePolicy", "Fail")
-    assert hook["timeoutSeconds"] == expected.get("timeoutSeconds", 10)
-    secrets = [d for d in docs if d["kind"] == "Secret"]
-    if secrets:
-        # A chart-made CA: the root is there from the first second.
-        assert hook["clientConfig"]["caBundle"] == secrets[0]["data"]["ca.crt"]
-    else:
-        # Bring your own: the control plane fills it in; the chart never does.
-        assert "caBundle" not in hook["clientConfig"]
+    assert inject["failurePolicy"] == expected.get("failurePolicy", "Fail")
+    # An enforcing namespace never starts a pod unjudged.
+    assert enforce["failurePolicy"] == "Fail"
+
+
+def test_an_enforcing_namespace_fails_closed_even_with_failure_policy_ignore() -> None:
+    hooks = one(documents(render_raw({"webhook": {"failurePolicy": "Ignore"}})), "MutatingWebhookConfiguration")
+    assert [h["failurePolicy"] for h in hooks["webhooks"]] == ["Ignore", "Fail"]
 
 
 # === the CA ==================================================================

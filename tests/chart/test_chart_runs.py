@@ -89,7 +89,11 @@ def test_the_control_plane_runs_with_what_the_chart_renders(binary: Path, tmp_pa
     ]
     webhook_path = ("/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/"
                     + webhook_config["metadata"]["name"])
-    with StandIn(tmp_path / "api", objects=[webhook_config, *namespaces], namespace=NAMESPACE) as api:
+    # The chart installs its CRDs; without them the policy watchers never
+    # sync, and the webhook answers 503 until they do.
+    crds = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
+    assert crds, "the chart installs its CRDs by default"
+    with StandIn(tmp_path / "api", objects=[webhook_config, *namespaces, *crds], namespace=NAMESPACE) as api:
         kubeconfig = api.kubeconfig
         env = {k: v for k, v in env_of(deployment).items() if v is not None}
         env.update({
@@ -130,7 +134,11 @@ def test_the_control_plane_runs_with_what_the_chart_renders(binary: Path, tmp_pa
             assert patches and all(r["contentType"] == "application/json-patch+json" for r in patches), patches
             lists = [urllib.parse.parse_qs(r["query"]) for r in requests
                      if r["method"] == "GET" and r["path"] == "/api/v1/namespaces"]
-            assert lists and all(q.get("labelSelector") == ["palisade.io/inject=enabled"] for q in lists), lists
+            # The publisher lists by label; discovery lists and watches every
+            # namespace, to learn which ones enforce the mesh.
+            assert ["palisade.io/inject=enabled"] in [q.get("labelSelector") for q in lists], lists
+            assert all(q.get("labelSelector") in (["palisade.io/inject=enabled"], None) for q in lists), lists
+            assert any(q.get("watch") == ["true"] for q in lists), lists
 
             # The API server's call: HTTPS to <service>.<namespace>.svc, trusting the caBundle.
             host = f"{service['metadata']['name']}.{NAMESPACE}.svc"
@@ -151,7 +159,7 @@ def test_the_control_plane_runs_with_what_the_chart_renders(binary: Path, tmp_pa
             containers = {c["name"]: c for c in pod["spec"]["initContainers"]}
             assert containers["palisade-sidecar"]["image"] == config["sidecar"]["image"]
             assert containers["palisade-init"]["image"] == config["init"]["image"]
-            sidecar_env = {e["name"]: e["value"] for e in containers["palisade-sidecar"]["env"]}
+            sidecar_env = {e["name"]: e.get("value") for e in containers["palisade-sidecar"]["env"]}
             assert sidecar_env["PALISADE_CONTROL_PLANE"] == config["controlPlane"]["address"]
             assert sidecar_env["PALISADE_CONTROL_PLANE_NAME"] == config["controlPlane"]["serverName"]
             # The name the sidecar expects is one the control plane's certificate carries.

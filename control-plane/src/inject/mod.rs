@@ -41,7 +41,7 @@ pub mod server;
 #[cfg(test)]
 mod tests;
 
-pub use config::InjectionConfig;
+pub use config::{InboundMode, InjectionConfig};
 pub use patch::{Decision, PodError, Skip};
 pub use posture::Posture;
 
@@ -115,6 +115,19 @@ pub struct Injector {
     /// caches. Without them no namespace is enforced (a control plane
     /// without the `kubernetes` discovery source).
     posture: Option<Arc<Discovery>>,
+}
+
+/// Which entry of the webhook configuration called: the chart sends
+/// namespaces labelled `palisade.io/enforce=true` to `/enforce`, the others
+/// that opted in to `/inject`. The path is the cluster admin's (it is in the
+/// MutatingWebhookConfiguration), so a call at `/enforce` is enforced even
+/// before the namespace cache has seen the label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entry {
+    /// `POST /inject`.
+    Inject,
+    /// `POST /enforce`.
+    Enforce,
 }
 
 /// An HTTP answer to one webhook call.
@@ -193,11 +206,21 @@ impl Injector {
         self
     }
 
-    /// The posture of `pod` in `namespace`; `None` while the caches have
-    /// not synced.
-    fn posture_of(&self, pod: &Value, namespace: &str) -> Option<Posture> {
+    /// The posture of `pod` in `namespace` called at `entry`; `None` while
+    /// the caches have not synced. Without them (no kubernetes discovery
+    /// source) only `/enforce` enforces, and no port may be excluded.
+    fn posture_of(
+        &self,
+        pod: &Value,
+        namespace: &str,
+        entry: Entry,
+        config: &InjectionConfig,
+    ) -> Option<Posture> {
         let Some(discovery) = &self.posture else {
-            return Some(Posture::open(namespace));
+            let mut posture = Posture::open(namespace);
+            posture.enforced = entry == Entry::Enforce;
+            posture.admission.strict = config.sidecar.inbound_mode == InboundMode::Strict;
+            return Some(posture);
         };
         // What policies select depends on the pod's labels and ports; a pod
         // that is not a Pod gets none (patch::decide refuses it anyway).
@@ -208,7 +231,7 @@ impl Injector {
         let (enforced, admission) = discovery.admission(&facts)?;
         Some(Posture {
             namespace: namespace.to_owned(),
-            enforced,
+            enforced: enforced || entry == Entry::Enforce,
             admission,
         })
     }
@@ -223,16 +246,21 @@ impl Injector {
         self.config.load_full()
     }
 
-    /// Answers one webhook call whose body is `body`.
+    /// Answers one call of `/inject` whose body is `body`.
     pub fn review(&self, body: &[u8]) -> Reply {
+        self.review_at(Entry::Inject, body)
+    }
+
+    /// Answers one webhook call at `entry` whose body is `body`.
+    pub fn review_at(&self, entry: Entry, body: &[u8]) -> Reply {
         let started = Instant::now();
-        let (reply, result, reason) = self.answer(body);
+        let (reply, result, reason) = self.answer(entry, body);
         self.metrics
             .review_finished(result, reason, started.elapsed());
         reply
     }
 
-    fn answer(&self, body: &[u8]) -> (Reply, ReviewResult, ReviewReason) {
+    fn answer(&self, entry: Entry, body: &[u8]) -> (Reply, ReviewResult, ReviewReason) {
         let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
             Ok(review) => review,
             Err(e) => {
@@ -332,7 +360,8 @@ impl Injector {
         };
         let name = pod_name(&pod, &request.name);
 
-        let Some(posture) = self.posture_of(&pod, &namespace) else {
+        let config = self.config.load();
+        let Some(posture) = self.posture_of(&pod, &namespace, entry, &config) else {
             let why = "the webhook's caches of namespaces and policies have not synced yet; retry";
             info!(uid = %request.uid, pod = %name, %namespace, "refused a pod review: {why}");
             return (
@@ -347,15 +376,22 @@ impl Injector {
                 .as_ref()
                 .and_then(|o| serde_json::to_value(o).ok());
             return match posture.check_ephemeral(&pod, old.as_ref()) {
-                Ok(()) => (ok(response), ReviewResult::Skipped, ReviewReason::NotPodCreate),
+                Ok(()) => (
+                    ok(response),
+                    ReviewResult::Skipped,
+                    ReviewReason::NotPodCreate,
+                ),
                 Err(error) => {
                     info!(uid = %request.uid, pod = %name, %namespace, %error, "refused an ephemeral container");
-                    (refusal(response, &error), ReviewResult::Denied, error.reason())
+                    (
+                        refusal(response, &error),
+                        ReviewResult::Denied,
+                        error.reason(),
+                    )
                 }
             };
         }
 
-        let config = self.config.load();
         match patch::decide(&pod, &namespace, &self.trust_domain, &config, &posture) {
             Ok(Decision::Inject { identity, patch }) => {
                 let ops = patch.0.len();
@@ -386,7 +422,11 @@ impl Injector {
             }
             Err(error) => {
                 info!(uid = %request.uid, pod = %name, %namespace, %error, "refused the pod");
-                (refusal(response, &error), ReviewResult::Denied, error.reason())
+                (
+                    refusal(response, &error),
+                    ReviewResult::Denied,
+                    error.reason(),
+                )
             }
         }
     }

@@ -14,10 +14,10 @@ use serde_json::{Value, json};
 use crate::policy::resources::Action;
 
 use super::{
-    posture::{PROXY_UID, Posture},
-    probes::{self, ORIGINAL_PROBES},
     ReviewReason,
     config::{AccessLog, InboundMode, InjectionConfig},
+    posture::{PROXY_UID, Posture},
+    probes::{self, ORIGINAL_PROBES},
 };
 
 /// Annotation that opts a pod out (`"false"` or `"disabled"`).

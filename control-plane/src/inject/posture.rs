@@ -235,7 +235,11 @@ impl Posture {
 
     /// Refuses inbound exclusions asked by annotation that no selecting
     /// policy allows.
-    pub fn check_inbound_exclusions(&self, annotation: &str, ports: &[u16]) -> Result<(), PodError> {
+    pub fn check_inbound_exclusions(
+        &self,
+        annotation: &str,
+        ports: &[u16],
+    ) -> Result<(), PodError> {
         if !self.enforced {
             return Ok(());
         }
@@ -260,7 +264,11 @@ impl Posture {
     }
 
     /// Refuses outbound exclusions asked by annotation.
-    pub fn check_outbound_exclusions(&self, annotation: &str, ports: &[u16]) -> Result<(), PodError> {
+    pub fn check_outbound_exclusions(
+        &self,
+        annotation: &str,
+        ports: &[u16],
+    ) -> Result<(), PodError> {
         if !self.enforced || ports.is_empty() {
             return Ok(());
         }

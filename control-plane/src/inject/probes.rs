@@ -112,7 +112,8 @@ pub fn rewrite(pod: &Value, admin_port: u16) -> Result<Rewritten, PodError> {
                 );
                 let pointer = format!("/spec/{field}/{i}/{probe_field}");
                 out.ops.push(PatchOperation::Replace(ReplaceOperation {
-                    path: PointerBuf::parse(&pointer).map_err(|_| PodError::Malformed("a container name"))?,
+                    path: PointerBuf::parse(&pointer)
+                        .map_err(|_| PodError::Malformed("a container name"))?,
                     value: Value::Object(rewritten),
                 }));
                 out.originals
@@ -170,7 +171,9 @@ fn check(
             .and_then(Value::as_u64)
             .and_then(|p| u16::try_from(p).ok())
             .filter(|p| *p != 0)
-            .ok_or_else(|| PodError::Probe(format!("{}: port is not in 1..=65535", what("grpc"))))?;
+            .ok_or_else(|| {
+                PodError::Probe(format!("{}: port is not in 1..=65535", what("grpc")))
+            })?;
         let mut check = json!({"port": port});
         if let Some(service) = grpc.get("service").and_then(Value::as_str) {
             check["service"] = json!(service);

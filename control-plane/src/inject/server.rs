@@ -26,7 +26,7 @@ use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
-use super::Injector;
+use super::{Entry, Injector};
 use crate::tls::{AcceptLimits, Established, Incoming};
 
 /// The API server sends objects of at most 3 MiB; leave room for the envelope.
@@ -46,16 +46,25 @@ pub struct WebhookLimits {
 /// ALPN of the webhook: h2 and http/1.1 (the API server uses either).
 pub const ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
 
-/// The routes: `POST /inject`.
+/// The routes: `POST /inject` and `POST /enforce` ([`Entry`]).
 pub fn router(injector: Arc<Injector>) -> Router {
     Router::new()
         .route("/inject", post(inject))
+        .route("/enforce", post(enforce))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(injector)
 }
 
 async fn inject(State(injector): State<Arc<Injector>>, body: Bytes) -> impl IntoResponse {
-    let reply = injector.review(&body);
+    answer(&injector, Entry::Inject, &body)
+}
+
+async fn enforce(State(injector): State<Arc<Injector>>, body: Bytes) -> impl IntoResponse {
+    answer(&injector, Entry::Enforce, &body)
+}
+
+fn answer(injector: &Injector, entry: Entry, body: &[u8]) -> impl IntoResponse + use<> {
+    let reply = injector.review_at(entry, body);
     let status = StatusCode::from_u16(reply.status.as_u16()).unwrap_or(StatusCode::OK);
     (status, Json(reply.body()))
 }

@@ -21,7 +21,11 @@ mod init;
 mod proxy;
 mod tls;
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use clap::{Args, Parser, Subcommand};
 use palisade_proto::TrustDomain;
@@ -38,6 +42,7 @@ pub use self::{
 use crate::{
     discovery::StreamConfig,
     policy::DefaultAction,
+    probe::AppProbes,
     proxy::{Limits, access::AccessLog, inbound::InboundTarget, outbound::OutboundTarget},
     tls::TlsSettings,
 };
@@ -88,9 +93,15 @@ pub struct RunArgs {
     /// One line per inbound connection the policy judged, on stdout: off or json (peer identity, port, decision, policy, bytes, duration).
     #[arg(long, env = "PALISADE_ACCESS_LOG", value_enum, default_value = "off")]
     pub access_log: AccessLog,
-    /// Address of the admin server (/metrics, /ready, /live, /config).
+    /// Address of the admin server (/metrics, /ready, /live, /config, /app-health/<container>/<probe>).
     #[arg(long, env = "PALISADE_ADMIN_ADDR", default_value = "0.0.0.0:15020")]
     pub admin_addr: SocketAddr,
+    /// The app's original kubelet probes as JSON, written by the webhook when it rewrote them to /app-health on the admin port.
+    #[arg(long, env = "PALISADE_APP_PROBES", value_name = "JSON")]
+    pub app_probes: Option<AppProbes>,
+    /// The pod's address, where the app's probes are sent (kubelet's target); loopback without it.
+    #[arg(long, env = "PALISADE_POD_IP", value_name = "ADDRESS")]
+    pub pod_ip: Option<IpAddr>,
     #[command(flatten)]
     pub limits: LimitArgs,
     #[command(flatten)]
@@ -113,6 +124,9 @@ pub struct RunConfig {
     pub default_action: DefaultAction,
     pub access_log: AccessLog,
     pub admin_addr: SocketAddr,
+    /// The app's probes the admin server performs.
+    pub app_probes: AppProbes,
+    pub pod_ip: Option<IpAddr>,
     pub limits: Limits,
     pub max_connections: usize,
     #[serde(with = "humantime_serde")]
@@ -179,6 +193,8 @@ impl RunArgs {
             default_action: self.default_action,
             access_log: self.access_log,
             admin_addr: self.admin_addr,
+            app_probes: self.app_probes.unwrap_or_default(),
+            pod_ip: self.pod_ip,
             limits: self.limits.limits(),
             max_connections: self.limits.max_connections()?,
             drain_timeout: self.limits.drain_timeout,

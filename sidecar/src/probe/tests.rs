@@ -18,7 +18,10 @@ async fn app() -> (SocketAddr, Arc<AtomicUsize>) {
     let calls = Arc::new(AtomicUsize::new(0));
     let router = Router::new()
         .route("/ok", get(|| async { StatusCode::NO_CONTENT }))
-        .route("/moved", get(|| async { (StatusCode::FOUND, [("location", "/elsewhere")]) }))
+        .route(
+            "/moved",
+            get(|| async { (StatusCode::FOUND, [("location", "/elsewhere")]) }),
+        )
         .route("/sick", get(|| async { StatusCode::INTERNAL_SERVER_ERROR }))
         .route(
             "/echo",
@@ -27,7 +30,11 @@ async fn app() -> (SocketAddr, Arc<AtomicUsize>) {
                     && headers
                         .get("user-agent")
                         .is_some_and(|v| v.to_str().is_ok_and(|v| v.starts_with("kube-probe/")));
-                if ok { StatusCode::OK } else { StatusCode::BAD_REQUEST }
+                if ok {
+                    StatusCode::OK
+                } else {
+                    StatusCode::BAD_REQUEST
+                }
             }),
         )
         .route(
@@ -60,32 +67,60 @@ fn what_the_webhook_writes_parses_and_nothing_else_does() {
             "web/startup": {"grpc": {"port": 9090, "service": "web.v1"}}}"#,
     );
     assert_eq!(parsed.0.len(), 3);
-    assert_eq!(parsed.0["web/readiness"].timeout_seconds, 1, "kubelet's default");
+    assert_eq!(
+        parsed.0["web/readiness"].timeout_seconds, 1,
+        "kubelet's default"
+    );
     for (bad, needle) in [
-        (r#"{"web/liveness": {"tcpSocket": {"port": 1}, "grpc": {"port": 2}}}"#, "exactly one"),
+        (
+            r#"{"web/liveness": {"tcpSocket": {"port": 1}, "grpc": {"port": 2}}}"#,
+            "exactly one",
+        ),
         (r#"{"web/liveness": {}}"#, "exactly one"),
         (r#"{"web/liveness": {"tcpSocket": {"port": 0}}}"#, "port 0"),
-        (r#"{"web/healthiness": {"tcpSocket": {"port": 1}}}"#, "not <container>/"),
-        (r#"{"web/liveness": {"tcpSocket": {"port": 70000}}}"#, "not the JSON"),
-        (r#"{"web/liveness": {"exec": {"command": ["secret-token"]}}}"#, "not the JSON"),
+        (
+            r#"{"web/healthiness": {"tcpSocket": {"port": 1}}}"#,
+            "not <container>/",
+        ),
+        (
+            r#"{"web/liveness": {"tcpSocket": {"port": 70000}}}"#,
+            "not the JSON",
+        ),
+        (
+            r#"{"web/liveness": {"exec": {"command": ["secret-token"]}}}"#,
+            "not the JSON",
+        ),
         (r#"not json secret-token"#, "not the JSON"),
     ] {
         let error = bad.parse::<AppProbes>().expect_err(bad).to_string();
         assert!(error.contains(needle), "{bad}: {error}");
-        assert!(!error.contains("secret-token"), "the text is not quoted: {error}");
+        assert!(
+            !error.contains("secret-token"),
+            "the text is not quoted: {error}"
+        );
     }
 }
 
 #[tokio::test]
 async fn http_probes_pass_on_2xx_and_3xx_and_carry_the_probe_s_headers() {
     let (addr, _) = app().await;
-    for (path, passes) in [("/ok", true), ("/moved", true), ("/echo", true), ("/sick", false), ("/missing", false)] {
-        let prober = Prober::new(probes(&http(addr.port(), path)), Some(addr.ip())).expect("prober");
+    for (path, passes) in [
+        ("/ok", true),
+        ("/moved", true),
+        ("/echo", true),
+        ("/sick", false),
+        ("/missing", false),
+    ] {
+        let prober =
+            Prober::new(probes(&http(addr.port(), path)), Some(addr.ip())).expect("prober");
         let result = prober.run("web/readiness").await.expect("a probe");
         assert_eq!(result.is_ok(), passes, "{path}: {result:?}");
     }
     let prober = Prober::new(probes(&http(addr.port(), "/sick")), Some(addr.ip())).expect("prober");
-    assert_eq!(prober.run("web/readiness").await, Some(Err("HTTP 500 Internal Server Error".to_owned())));
+    assert_eq!(
+        prober.run("web/readiness").await,
+        Some(Err("HTTP 500 Internal Server Error".to_owned()))
+    );
     assert_eq!(prober.run("web/liveness").await, None, "no such probe");
 }
 
@@ -137,7 +172,9 @@ async fn grpc_probes_ask_the_health_service() {
 #[tokio::test]
 async fn a_flood_of_probe_requests_costs_the_app_one_probe_at_a_time() {
     let (addr, calls) = app().await;
-    let prober = Arc::new(Prober::new(probes(&http(addr.port(), "/slow")), Some(addr.ip())).expect("prober"));
+    let prober = Arc::new(
+        Prober::new(probes(&http(addr.port(), "/slow")), Some(addr.ip())).expect("prober"),
+    );
     let flood: Vec<_> = (0..50)
         .map(|_| {
             let prober = prober.clone();
@@ -150,5 +187,9 @@ async fn a_flood_of_probe_requests_costs_the_app_one_probe_at_a_time() {
     assert_eq!(calls.load(Ordering::SeqCst), 1, "50 requests, one probe");
     tokio::time::sleep(REUSE).await;
     prober.run("web/readiness").await;
-    assert_eq!(calls.load(Ordering::SeqCst), 2, "a stale result is not reused");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "a stale result is not reused"
+    );
 }

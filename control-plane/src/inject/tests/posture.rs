@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use super::{CONFIG, count, env, env_of, pod, review_of, run, web_spec};
 use crate::{
     discovery::Discovery,
-    inject::{InjectionConfig, Injector},
+    inject::{Entry, InboundMode, InjectionConfig, Injector},
     metrics::Metrics,
     policy::{InboundPolicy, PolicyDef},
 };
@@ -23,10 +23,7 @@ fn enforcing(policies: &[(&str, Value)]) -> (Injector, prometheus::Registry, Arc
     let config = InjectionConfig::parse(CONFIG).expect("valid config");
     let td: palisade_proto::TrustDomain = "cluster.local".parse().expect("trust domain");
     let discovery = Discovery::new(td.clone());
-    discovery.replace_namespaces(vec![
-        ("demo".to_owned(), true),
-        ("open".to_owned(), false),
-    ]);
+    discovery.replace_namespaces(vec![("demo".to_owned(), true), ("open".to_owned(), false)]);
     discovery.replace_policies(
         policies
             .iter()
@@ -43,15 +40,18 @@ fn enforcing(policies: &[(&str, Value)]) -> (Injector, prometheus::Registry, Arc
             .collect(),
     );
     discovery.mark_synced();
-    let injector =
-        Injector::new(config, td, metrics, None).with_posture(discovery.clone());
+    let injector = Injector::new(config, td, metrics, None).with_posture(discovery.clone());
     (injector, registry, discovery)
 }
 
 /// The refusal message, asserting the pod was refused.
 fn refused(injector: &Injector, pod: &Value) -> String {
     let (status, body, _) = run(injector, pod);
-    assert_eq!(status, StatusCode::OK, "a refusal is a valid review: {body}");
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "a refusal is a valid review: {body}"
+    );
     assert_eq!(body["response"]["allowed"], false, "{pod} was admitted");
     let message = body["response"]["status"]["message"]
         .as_str()
@@ -67,7 +67,10 @@ fn refused(injector: &Injector, pod: &Value) -> String {
 fn injected(injector: &Injector, pod: &Value) -> Value {
     let (_, body, patched) = run(injector, pod);
     assert_eq!(body["response"]["allowed"], true, "{body}");
-    assert!(body["response"]["patch"].is_string(), "not injected: {body}");
+    assert!(
+        body["response"]["patch"].is_string(),
+        "not injected: {body}"
+    );
     patched
 }
 
@@ -121,18 +124,27 @@ fn every_way_out_of_the_mesh_is_refused_with_what_to_change() {
             "set runAsUser (of the container or the pod) to another uid than 1337",
         ),
         (
-            pod(json!({"palisade.io/exclude-outbound-ports": "5432"}), web_spec()),
+            pod(
+                json!({"palisade.io/exclude-outbound-ports": "5432"}),
+                web_spec(),
+            ),
             "outbound exclusions are the platform's",
         ),
         (
-            pod(json!({"palisade.io/exclude-inbound-ports": "9090"}), web_spec()),
+            pod(
+                json!({"palisade.io/exclude-inbound-ports": "9090"}),
+                web_spec(),
+            ),
             "add it to excludablePorts of an InboundPolicy selecting the pod",
         ),
     ];
     let mut n = 0;
     for (pod, fix) in &cases {
         let message = refused(&injector, pod);
-        assert!(message.contains("namespace demo enforces the mesh"), "{message}");
+        assert!(
+            message.contains("namespace demo enforces the mesh"),
+            "{message}"
+        );
         assert!(message.contains(fix), "{message} does not say {fix:?}");
         n += 1;
     }
@@ -140,23 +152,44 @@ fn every_way_out_of_the_mesh_is_refused_with_what_to_change() {
     // Each container kind, each field.
     let bad: Vec<(Value, &str)> = vec![
         (json!({"runAsUser": 1337}), "runs as uid 1337"),
-        (json!({"privileged": true}), "remove securityContext.privileged"),
-        (json!({"capabilities": {"add": ["NET_ADMIN"]}}), "remove NET_ADMIN"),
-        (json!({"capabilities": {"add": ["net_raw"]}}), "remove net_raw"),
-        (json!({"capabilities": {"add": ["CAP_NET_ADMIN"]}}), "remove CAP_NET_ADMIN"),
+        (
+            json!({"privileged": true}),
+            "remove securityContext.privileged",
+        ),
+        (
+            json!({"capabilities": {"add": ["NET_ADMIN"]}}),
+            "remove NET_ADMIN",
+        ),
+        (
+            json!({"capabilities": {"add": ["net_raw"]}}),
+            "remove net_raw",
+        ),
+        (
+            json!({"capabilities": {"add": ["CAP_NET_ADMIN"]}}),
+            "remove CAP_NET_ADMIN",
+        ),
         (json!({"capabilities": {"add": ["ALL"]}}), "remove ALL"),
     ];
     for kind in ["initContainers", "containers", "ephemeralContainers"] {
         for (context, fix) in &bad {
             let container = json!({"name": "tool", "image": "tool:1", "securityContext": context});
-            let message = refused(&injector, &pod(Value::Null, with_container(kind, container)));
+            let message = refused(
+                &injector,
+                &pod(Value::Null, with_container(kind, container)),
+            );
             assert!(message.contains(fix), "{kind}: {message}");
-            assert!(message.contains("\"tool\""), "names the container: {message}");
+            assert!(
+                message.contains("\"tool\""),
+                "names the container: {message}"
+            );
             n += 1;
         }
         let ours = json!({"name": "palisade-sidecar", "image": "fake:1"});
         let message = refused(&injector, &pod(Value::Null, with_container(kind, ours)));
-        assert!(message.contains("rename the container"), "{kind}: {message}");
+        assert!(
+            message.contains("rename the container"),
+            "{kind}: {message}"
+        );
         n += 1;
     }
     assert_eq!(count(&registry, "denied", "enforced"), n);
@@ -172,7 +205,10 @@ fn every_way_out_of_the_mesh_is_refused_with_what_to_change() {
     // Harmless capabilities pass.
     let harmless = json!({"name": "tool", "image": "tool:1",
         "securityContext": {"capabilities": {"add": ["NET_BIND_SERVICE"], "drop": ["ALL"]}}});
-    injected(&injector, &pod(Value::Null, with_container("containers", harmless)));
+    injected(
+        &injector,
+        &pod(Value::Null, with_container("containers", harmless)),
+    );
 }
 
 #[test]
@@ -209,9 +245,15 @@ fn loosening_annotations_need_a_policy_and_tightening_ones_are_honoured() {
     // Strict by the policy: permissive would loosen it.
     let message = refused(
         &injector,
-        &pod(json!({"palisade.io/inbound-mode": "permissive"}), spec.clone()),
+        &pod(
+            json!({"palisade.io/inbound-mode": "permissive"}),
+            spec.clone(),
+        ),
     );
-    assert!(message.contains("set mode: permissive in an InboundPolicy"), "{message}");
+    assert!(
+        message.contains("set mode: permissive in an InboundPolicy"),
+        "{message}"
+    );
     // Without the annotation the sidecar starts strict, as the policy says.
     let patched = injected(&injector, &pod(Value::Null, spec.clone()));
     let sidecar = env_of(&patched["spec"]["initContainers"][1]);
@@ -226,19 +268,34 @@ fn loosening_annotations_need_a_policy_and_tightening_ones_are_honoured() {
     // the audit policy) pass; another is refused and named.
     let patched = injected(
         &injector,
-        &pod(json!({"palisade.io/exclude-inbound-ports": "9090,9100,7070"}), spec.clone()),
+        &pod(
+            json!({"palisade.io/exclude-inbound-ports": "9090,9100,7070"}),
+            spec.clone(),
+        ),
     );
     let init = env_of(&patched["spec"]["initContainers"][0]);
-    assert_eq!(env(&init, "PALISADE_EXCLUDE_INBOUND_PORTS"), Some("7070,9090,9100"));
+    assert_eq!(
+        env(&init, "PALISADE_EXCLUDE_INBOUND_PORTS"),
+        Some("7070,9090,9100")
+    );
     let message = refused(
         &injector,
-        &pod(json!({"palisade.io/exclude-inbound-ports": "9090,8080"}), spec.clone()),
+        &pod(
+            json!({"palisade.io/exclude-inbound-ports": "9090,8080"}),
+            spec.clone(),
+        ),
     );
-    assert!(message.contains("remove 8080 from the annotation"), "{message}");
+    assert!(
+        message.contains("remove 8080 from the annotation"),
+        "{message}"
+    );
 
     // A pod the strict policy does not select: the mesh default
     // (permissive) holds, and the audit policy sets no mode.
-    let mut other = pod(json!({"palisade.io/inbound-mode": "permissive"}), web_spec());
+    let mut other = pod(
+        json!({"palisade.io/inbound-mode": "permissive"}),
+        web_spec(),
+    );
     other["metadata"]["labels"] = json!({"app": "batch"});
     injected(&injector, &other);
 }
@@ -265,6 +322,49 @@ fn until_the_caches_sync_every_pod_review_is_answered_503() {
     let (status, body, _) = run(&injector, &pod(Value::Null, web_spec()));
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["response"]["allowed"], true);
+}
+
+#[test]
+fn the_enforce_entry_enforces_without_caches_and_before_they_see_the_label() {
+    let opted_out = pod(json!({"palisade.io/inject": "false"}), web_spec());
+    let permissive = pod(
+        json!({"palisade.io/inbound-mode": "permissive"}),
+        web_spec(),
+    );
+    let excluded = pod(
+        json!({"palisade.io/exclude-inbound-ports": "8080"}),
+        web_spec(),
+    );
+    let allowed = |injector: &Injector, entry: Entry, pod: &Value| {
+        let body = injector.review_at(entry, &review_of(pod, "CREATE")).body();
+        body["response"]["allowed"].as_bool().expect("an answer")
+    };
+
+    // No kubernetes discovery source: /inject keeps the pod's choices,
+    // /enforce refuses them; the mesh default (strict here) is the mode.
+    let registry = prometheus::Registry::new();
+    let metrics = Metrics::register(&registry).expect("fresh registry");
+    let mut config = InjectionConfig::parse(CONFIG).expect("valid config");
+    config.sidecar.inbound_mode = InboundMode::Strict;
+    let td: palisade_proto::TrustDomain = "cluster.local".parse().expect("trust domain");
+    let injector = Injector::new(config, td, metrics, None);
+    for pod in [&opted_out, &permissive, &excluded] {
+        assert!(allowed(&injector, Entry::Inject, pod), "{pod}");
+        assert!(!allowed(&injector, Entry::Enforce, pod), "{pod}");
+    }
+    assert!(allowed(
+        &injector,
+        Entry::Enforce,
+        &pod(Value::Null, web_spec())
+    ));
+    assert_eq!(count(&registry, "denied", "enforced"), 3);
+
+    // With caches that do not (yet) know the namespace as enforcing, the
+    // entry the cluster admin configured still decides.
+    let (injector, _, discovery) = enforcing(&[]);
+    discovery.replace_namespaces(vec![("demo".to_owned(), false)]);
+    assert!(allowed(&injector, Entry::Inject, &opted_out));
+    assert!(!allowed(&injector, Entry::Enforce, &opted_out));
 }
 
 fn ephemeral_review(old: &Value, new: &Value) -> Vec<u8> {
@@ -294,8 +394,7 @@ fn kubectl_debug_gets_no_container_that_bypasses_the_capture() {
     let mut old = pod(Value::Null, web_spec());
     old["metadata"]["name"] = json!("web-1");
     // An earlier debug container (admitted before) is not judged again.
-    old["spec"]["ephemeralContainers"] =
-        json!([{"name": "debugger-old", "image": "busybox", "securityContext": {"privileged": true}}]);
+    old["spec"]["ephemeralContainers"] = json!([{"name": "debugger-old", "image": "busybox", "securityContext": {"privileged": true}}]);
     let with = |container: Value| {
         let mut new = old.clone();
         new["spec"]["ephemeralContainers"]
@@ -318,8 +417,13 @@ fn kubectl_debug_gets_no_container_that_bypasses_the_capture() {
             json!({"name": "debugger", "image": "busybox", "securityContext": context}),
         ));
         assert_eq!(body["response"]["allowed"], false, "{context}: {body}");
-        let message = body["response"]["status"]["message"].as_str().expect("message");
-        assert!(message.contains("ephemeral container \"debugger\""), "{message}");
+        let message = body["response"]["status"]["message"]
+            .as_str()
+            .expect("message");
+        assert!(
+            message.contains("ephemeral container \"debugger\""),
+            "{message}"
+        );
     }
     assert_eq!(count(&registry, "denied", "enforced"), 3);
 }

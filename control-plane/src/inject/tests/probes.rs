@@ -50,7 +50,10 @@ fn every_probe_kind_goes_to_the_admin_port_and_the_sidecar_gets_the_original() {
         web["readinessProbe"],
         json!({"httpGet": {"path": "/app-health/web/readiness", "port": 15020, "scheme": "HTTP"}, "periodSeconds": 5})
     );
-    assert_eq!(web["startupProbe"]["httpGet"]["path"], "/app-health/web/startup");
+    assert_eq!(
+        web["startupProbe"]["httpGet"]["path"],
+        "/app-health/web/startup"
+    );
     // exec runs in the container: untouched.
     assert_eq!(
         patched["spec"]["containers"][1]["livenessProbe"],
@@ -68,12 +71,19 @@ fn every_probe_kind_goes_to_the_admin_port_and_the_sidecar_gets_the_original() {
         json!({"httpGet": {"path": "/app-health/log-shipper/startup", "port": 15020, "scheme": "HTTP"},
                "failureThreshold": 30})
     );
-    assert!(inits.iter().find(|c| c["name"] == "migrate").expect("migrate").get("startupProbe").is_none());
+    assert!(
+        inits
+            .iter()
+            .find(|c| c["name"] == "migrate")
+            .expect("migrate")
+            .get("startupProbe")
+            .is_none()
+    );
 
     // The sidecar's instructions: ports resolved, path, headers, scheme kept.
     let sidecar = env_of(&patched["spec"]["initContainers"][1]);
-    let app: Value = serde_json::from_str(env(&sidecar, "PALISADE_APP_PROBES").expect("probes"))
-        .expect("JSON");
+    let app: Value =
+        serde_json::from_str(env(&sidecar, "PALISADE_APP_PROBES").expect("probes")).expect("JSON");
     assert_eq!(
         app,
         json!({
@@ -84,7 +94,10 @@ fn every_probe_kind_goes_to_the_admin_port_and_the_sidecar_gets_the_original() {
             "log-shipper/startup": {"tcpSocket": {"port": 9200}, "timeoutSeconds": 1},
         })
     );
-    assert_eq!(env(&sidecar, "PALISADE_POD_IP"), Some("fieldRef:status.podIP"));
+    assert_eq!(
+        env(&sidecar, "PALISADE_POD_IP"),
+        Some("fieldRef:status.podIP")
+    );
 
     // The originals, verbatim, in the annotation.
     let kept: Value = serde_json::from_str(
@@ -93,8 +106,14 @@ fn every_probe_kind_goes_to_the_admin_port_and_the_sidecar_gets_the_original() {
             .expect("the annotation"),
     )
     .expect("JSON");
-    assert_eq!(kept["web"]["livenessProbe"], original["spec"]["containers"][0]["livenessProbe"]);
-    assert_eq!(kept["log-shipper"]["startupProbe"], original["spec"]["initContainers"][1]["startupProbe"]);
+    assert_eq!(
+        kept["web"]["livenessProbe"],
+        original["spec"]["containers"][0]["livenessProbe"]
+    );
+    assert_eq!(
+        kept["log-shipper"]["startupProbe"],
+        original["spec"]["initContainers"][1]["startupProbe"]
+    );
     assert!(kept.get("cron").is_none(), "exec probes are not rewritten");
 }
 
@@ -105,26 +124,47 @@ fn a_pod_without_probes_gets_no_probe_env_or_annotation() {
     let sidecar = env_of(&patched["spec"]["initContainers"][1]);
     assert_eq!(env(&sidecar, "PALISADE_APP_PROBES"), None);
     assert_eq!(env(&sidecar, "PALISADE_POD_IP"), None);
-    assert!(patched["metadata"]["annotations"].get(ORIGINAL_PROBES).is_none());
+    assert!(
+        patched["metadata"]["annotations"]
+            .get(ORIGINAL_PROBES)
+            .is_none()
+    );
 }
 
 #[test]
 fn probes_that_cannot_be_rewritten_are_refused_and_named() {
     let (injector, _) = injector();
     for (probe, needle) in [
-        (json!({"httpGet": {"port": "metrics"}}), "port \"metrics\" names none of the container's ports"),
-        (json!({"tcpSocket": {"port": 0}}), "port 0 is not in 1..=65535"),
-        (json!({"tcpSocket": {"port": 70000}}), "port 70000 is not in 1..=65535"),
+        (
+            json!({"httpGet": {"port": "metrics"}}),
+            "port \"metrics\" names none of the container's ports",
+        ),
+        (
+            json!({"tcpSocket": {"port": 0}}),
+            "port 0 is not in 1..=65535",
+        ),
+        (
+            json!({"tcpSocket": {"port": 70000}}),
+            "port 70000 is not in 1..=65535",
+        ),
         (json!({"grpc": {"port": "grpc"}}), "grpc"),
-        (json!({"httpGet": {"port": 8080, "host": "10.0.0.9"}}), "host \"10.0.0.9\" is not the pod"),
-        (json!({"httpGet": {"port": 8080, "scheme": "FTP"}}), "scheme \"FTP\""),
+        (
+            json!({"httpGet": {"port": 8080, "host": "10.0.0.9"}}),
+            "host \"10.0.0.9\" is not the pod",
+        ),
+        (
+            json!({"httpGet": {"port": 8080, "scheme": "FTP"}}),
+            "scheme \"FTP\"",
+        ),
     ] {
         let mut spec = super::web_spec();
         spec["containers"][0]["ports"] = json!([{"name": "grpc", "containerPort": 9090}]);
         spec["containers"][0]["livenessProbe"] = probe.clone();
         let (_, body, _) = run(&injector, &pod(Value::Null, spec));
         assert_eq!(body["response"]["allowed"], false, "{probe}: {body}");
-        let message = body["response"]["status"]["message"].as_str().expect("message");
+        let message = body["response"]["status"]["message"]
+            .as_str()
+            .expect("message");
         assert!(message.contains(needle), "{probe}: {message}");
         assert!(message.contains("container \"web\""), "{message}");
     }
