@@ -12,6 +12,8 @@
 //! - [`require_tool`], [`require_root`]: fail loudly when a test cannot run.
 //! - [`netns`]: pods and plain hosts as network namespaces on a bridge, with
 //!   processes as a given user, packet capture and cleanup (root only).
+//! - [`admission`]: AdmissionReviews posted to the webhook like the API
+//!   server, patches applied, pods checked against the Kubernetes schemas.
 //! - [`kube`]: the stand-in Kubernetes API server every Kubernetes-path test
 //!   runs against (also the `palisade-kube-stand-in` binary).
 
@@ -30,6 +32,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use palisade_proto::identity::v1::identity_client::IdentityClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
+pub mod admission;
 pub mod kube;
 pub mod netns;
 

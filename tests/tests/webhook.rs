@@ -15,9 +15,12 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result, bail};
-use base64::Engine;
-use palisade_tests::{ControlPlane, bin, eventually, http_get, metric, require_tool};
+use anyhow::{Context, Result};
+use palisade_tests::{
+    ControlPlane,
+    admission::{assert_schema_valid, container, env, env_of, patched, post},
+    bin, eventually, http_get, metric, require_tool,
+};
 use serde_json::Value;
 
 const INJECTION_CONFIG: &str = r#"
@@ -126,65 +129,9 @@ fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// `kubernetes-validate` from the test venv tests/run.sh makes.
-fn kubernetes_validate() -> PathBuf {
-    let venv = std::env::var_os("PALISADE_PYENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target/pyenv"));
-    let tool = venv.join("bin/kubernetes-validate");
-    assert!(
-        tool.exists(),
-        "this test needs {} (Python package kubernetes-validate); tests/run.sh installs it \
-         into target/pyenv",
-        tool.display()
-    );
-    tool
-}
-
-/// POSTs `body` to the webhook like the API server: HTTPS, verified against
-/// the trust bundle, for the Service's DNS name.
-fn post(addr: SocketAddr, bundle: &Path, body: &Path) -> Result<(u16, Value)> {
-    let out = Command::new("curl")
-        .args(["--silent", "--show-error", "--max-time", "10"])
-        .arg("--cacert")
-        .arg(bundle)
-        .args(["--resolve", &format!("localhost:{}:127.0.0.1", addr.port())])
-        .args(["-H", "Content-Type: application/json", "--data-binary"])
-        .arg(format!("@{}", body.display()))
-        .args(["--write-out", "\n%{http_code}"])
-        .arg(format!("https://localhost:{}/inject", addr.port()))
-        .output()?;
-    if !out.status.success() {
-        bail!("curl failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let text = String::from_utf8(out.stdout)?;
-    let (json, code) = text.rsplit_once('\n').context("status line")?;
-    Ok((code.trim().parse()?, serde_json::from_str(json)?))
-}
-
-fn container<'a>(pod: &'a Value, name: &str) -> &'a Value {
-    pod["spec"]["initContainers"]
-        .as_array()
-        .and_then(|c| c.iter().find(|c| c["name"] == name))
-        .unwrap_or_else(|| panic!("no init container {name} in {pod}"))
-}
-
-fn env_of(container: &Value) -> Vec<(String, String)> {
-    container["env"]
-        .as_array()
-        .expect("env")
-        .iter()
-        .map(|e| {
-            let name = e["name"].as_str().expect("name").to_owned();
-            (name, e["value"].as_str().expect("value").to_owned())
-        })
-        .collect()
-}
-
 #[test]
 fn admission_reviews_get_the_expected_answers_and_schema_valid_pods() -> Result<()> {
     require_tool("curl");
-    let validate = kubernetes_validate();
     let fixtures = workspace().join("tests/fixtures/admission");
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("injection.yaml");
@@ -205,7 +152,7 @@ fn admission_reviews_get_the_expected_answers_and_schema_valid_pods() -> Result<
     let mut patched_pods = Vec::new();
     for expect in FIXTURES {
         let path = fixtures.join(format!("{}.json", expect.fixture));
-        let (code, answer) = post(webhook, &bundle, &path)?;
+        let (code, answer) = post(webhook, &bundle, "/inject", &path)?;
         let name = expect.fixture;
         assert_eq!(code, expect.http, "{name}: {answer}");
         let response = &answer["response"];
@@ -227,21 +174,8 @@ fn admission_reviews_get_the_expected_answers_and_schema_valid_pods() -> Result<
             );
             if expect.patched {
                 assert_eq!(response["patchType"], "JSONPatch", "{name}");
-                let patch = base64::engine::general_purpose::STANDARD
-                    .decode(response["patch"].as_str().context("patch is base64 text")?)?;
-                let patch: json_patch::Patch = serde_json::from_slice(&patch)?;
-                let mut pod = request["request"]["object"].clone();
-                json_patch::patch(&mut pod, &patch)
-                    .with_context(|| format!("{name}: the patch does not apply"))?;
-                // The API server fills in a generateName'd pod's name after
-                // admission; the schema check wants one.
-                if pod["metadata"]["name"].is_null() {
-                    let prefix = pod["metadata"]["generateName"].as_str().unwrap_or("pod-");
-                    pod["metadata"]["name"] = Value::String(format!("{prefix}x7k2p"));
-                }
-                let file = dir.path().join(format!("{name}.patched.json"));
-                std::fs::write(&file, serde_json::to_vec_pretty(&pod)?)?;
-                patched_pods.push((name, file, pod));
+                let pod = patched(&request, &answer).with_context(|| name.to_owned())?;
+                patched_pods.push((name, pod));
             } else {
                 assert!(response["patch"].is_null(), "{name}: unchanged, {answer}");
             }
@@ -249,32 +183,16 @@ fn admission_reviews_get_the_expected_answers_and_schema_valid_pods() -> Result<
     }
 
     // Every patched pod is a valid Kubernetes 1.33 Pod, unknown fields refused.
-    let files: Vec<_> = patched_pods.iter().map(|(_, f, _)| f.clone()).collect();
-    let out = Command::new(&validate)
-        .args(["--strict", "-k", "1.33.0"])
-        .args(&files)
-        .output()?;
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "kubernetes-validate refused a patched pod:\n{report}"
-    );
-    assert_eq!(report.matches("passed").count(), files.len(), "{report}");
+    assert_schema_valid(dir.path(), &patched_pods)?;
 
     // The port annotations reached both containers, merged with the defaults.
-    let (_, _, db) = patched_pods
+    let (_, db) = patched_pods
         .iter()
-        .find(|(n, _, _)| *n == "port-annotations")
+        .find(|(n, _)| *n == "port-annotations")
         .context("port-annotations patched")?;
     let init_env = env_of(container(db, "palisade-init"));
     let sidecar_env = env_of(container(db, "palisade-sidecar"));
-    let get = |env: &[(String, String)], k: &str| {
-        env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
-    };
+    let get = |env_: &[(String, String)], k: &str| env(env_, k).map(str::to_owned);
     assert_eq!(
         get(&init_env, "PALISADE_EXCLUDE_OUTBOUND_PORTS").as_deref(),
         Some("53,5432,6379")
@@ -337,9 +255,9 @@ fn admission_reviews_get_the_expected_answers_and_schema_valid_pods() -> Result<
         .args(["run", "--help"])
         .output()?;
     let help = String::from_utf8(help.stdout)?;
-    let (_, _, web) = patched_pods
+    let (_, web) = patched_pods
         .iter()
-        .find(|(n, _, _)| *n == "ordinary-pod")
+        .find(|(n, _)| *n == "ordinary-pod")
         .context("ordinary pod patched")?;
     let web_env = env_of(container(web, "palisade-sidecar"));
     for (name, _) in &web_env {
@@ -349,6 +267,15 @@ fn admission_reviews_get_the_expected_answers_and_schema_valid_pods() -> Result<
         );
     }
     assert_eq!(get(&web_env, "PALISADE_IDENTITY").as_deref(), Some(WEB));
+    // Its readiness probe now asks the sidecar, which probes the app.
+    let probe = &container(web, "web")["readinessProbe"];
+    assert_eq!(probe["httpGet"]["port"], 15020, "{probe}");
+    assert_eq!(probe["httpGet"]["path"], "/app-health/web/readiness");
+    assert_eq!(probe["periodSeconds"], 5, "timing kept: {probe}");
+    assert!(
+        web["metadata"]["annotations"]["palisade.io/original-probes"].is_string(),
+        "the original probe is kept"
+    );
 
     let metrics = cp.metrics()?;
     let count = |result, reason| {
@@ -382,6 +309,7 @@ fn run_injected_sidecar(cp: &ControlPlane, dir: &Path, env: Vec<(String, String)
             "PALISADE_BUNDLE" => cp.ca_dir.join("ca.crt").display().to_string(),
             "PALISADE_CONTROL_PLANE" => format!("https://localhost:{}", cp.grpc_addr.port()),
             "PALISADE_CONTROL_PLANE_NAME" => "localhost".to_owned(),
+            "PALISADE_POD_IP" => "127.0.0.1".to_owned(),
             _ => v,
         }
     };
@@ -424,6 +352,11 @@ fn run_injected_sidecar(cp: &ControlPlane, dir: &Path, env: Vec<(String, String)
             "the injected sidecar to turn ready",
             || matches!(http_get(admin, "/ready"), Ok((200, _))).then_some(()),
         );
+        // The rewritten probe is served (200 or 503 by whether something
+        // answers on 8080 here); a probe the webhook did not write is not.
+        let (status, body) = http_get(admin, "/app-health/web/readiness")?;
+        assert!(matches!(status, 200 | 503), "{status} {body}");
+        assert_eq!(http_get(admin, "/app-health/web/liveness")?.0, 404);
         Ok(http_get(admin, "/metrics")?.1)
     })();
     let _ = child.kill();
