@@ -17,8 +17,9 @@
 //! - uses the host network (its traffic would not pass the pod's capture);
 //! - has an app container (init, regular or ephemeral) that runs as the
 //!   proxy's uid 1337 (its own `runAsUser`, else the pod's), is privileged,
-//!   or adds `NET_ADMIN`, `NET_RAW` or `ALL`: each bypasses or can flush the
-//!   capture rules;
+//!   or adds `NET_ADMIN`, `NET_RAW`, `SYS_ADMIN`, `BPF` or `ALL` (and
+//!   `SYS_PTRACE` where it sees the sidecar's process): each bypasses or
+//!   can flush the capture rules;
 //! - loosens by annotation: `palisade.io/inbound-mode: permissive` where the
 //!   pod's mode is otherwise strict, `palisade.io/exclude-inbound-ports`
 //!   naming a port no selecting policy lists in `excludablePorts`, and any
@@ -42,8 +43,38 @@ pub const ENFORCE_LABEL: &str = "palisade.io/enforce";
 /// The proxy's uid, which the capture rules let through uncaptured.
 pub const PROXY_UID: i64 = 1337;
 
-/// Capabilities that let a container rewrite or bypass the capture rules.
-const FORBIDDEN_CAPABILITIES: &[&str] = &["NET_ADMIN", "NET_RAW", "ALL"];
+/// Capabilities that let a container rewrite or bypass the capture rules:
+/// `NET_ADMIN` flushes them, `NET_RAW` crafts packets around them,
+/// `SYS_ADMIN` and `BPF` load programs that rewrite traffic. `SYS_PTRACE`
+/// is refused too where the container sees the sidecar's process (the pod
+/// shares its process namespace, or `kubectl debug` targets a `palisade-*`
+/// container): it could make the sidecar, uid 1337 and never captured,
+/// send for it. `kubectl debug --profile=general` on an app container
+/// keeps working.
+const FORBIDDEN_CAPABILITIES: &[&str] = &["NET_ADMIN", "NET_RAW", "SYS_ADMIN", "BPF", "ALL"];
+
+/// What a pod sets for all its containers.
+#[derive(Clone, Copy, Debug)]
+struct PodWide {
+    /// `spec.securityContext.runAsUser`.
+    uid: Option<i64>,
+    /// `spec.shareProcessNamespace`.
+    shared_pids: bool,
+}
+
+impl PodWide {
+    fn of(pod: &Value) -> Self {
+        Self {
+            uid: pod
+                .pointer("/spec/securityContext/runAsUser")
+                .and_then(Value::as_i64),
+            shared_pids: pod
+                .pointer("/spec/shareProcessNamespace")
+                .and_then(Value::as_bool)
+                == Some(true),
+        }
+    }
+}
 
 /// The posture a pod is admitted under.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -118,15 +149,13 @@ impl Posture {
                 "set spec.hostNetwork to false, or run it in a namespace that does not enforce the mesh",
             ));
         }
-        let pod_uid = pod
-            .pointer("/spec/securityContext/runAsUser")
-            .and_then(Value::as_i64);
+        let pod_wide = PodWide::of(pod);
         for (field, kind) in CONTAINER_FIELDS {
             let containers = pod
                 .pointer(&format!("/spec/{field}"))
                 .and_then(Value::as_array);
             for container in containers.into_iter().flatten() {
-                self.check_container(container, kind, pod_uid)?;
+                self.check_container(container, kind, pod_wide)?;
             }
         }
         Ok(())
@@ -147,9 +176,7 @@ impl Posture {
                 .collect()
         };
         let existing = names(old);
-        let pod_uid = pod
-            .pointer("/spec/securityContext/runAsUser")
-            .and_then(Value::as_i64);
+        let pod_wide = PodWide::of(pod);
         let added = pod
             .pointer("/spec/ephemeralContainers")
             .and_then(Value::as_array)
@@ -161,17 +188,12 @@ impl Posture {
                     .is_none_or(|n| !existing.iter().any(|e| e == n))
             });
         for container in added {
-            self.check_container(container, "ephemeral container", pod_uid)?;
+            self.check_container(container, "ephemeral container", pod_wide)?;
         }
         Ok(())
     }
 
-    fn check_container(
-        &self,
-        container: &Value,
-        kind: &str,
-        pod_uid: Option<i64>,
-    ) -> Result<(), PodError> {
+    fn check_container(&self, container: &Value, kind: &str, pod: PodWide) -> Result<(), PodError> {
         let name = container
             .get("name")
             .and_then(Value::as_str)
@@ -185,7 +207,13 @@ impl Posture {
         }
         let context = container.get("securityContext");
         let field = |key: &str| context.and_then(|c| c.get(key));
-        let uid = field("runAsUser").and_then(Value::as_i64).or(pod_uid);
+        let uid = field("runAsUser").and_then(Value::as_i64).or(pod.uid);
+        // ptrace reaches the sidecar only from its process namespace.
+        let sees_sidecar = pod.shared_pids
+            || container
+                .get("targetContainerName")
+                .and_then(Value::as_str)
+                .is_some_and(|t| t.starts_with("palisade-"));
         if uid == Some(PROXY_UID) {
             return Err(self.refuse(
                 format!(
@@ -206,7 +234,7 @@ impl Posture {
         for capability in added.into_iter().flatten().filter_map(Value::as_str) {
             let bare = capability.trim().to_ascii_uppercase();
             let bare = bare.strip_prefix("CAP_").unwrap_or(&bare);
-            if FORBIDDEN_CAPABILITIES.contains(&bare) {
+            if FORBIDDEN_CAPABILITIES.contains(&bare) || (bare == "SYS_PTRACE" && sees_sidecar) {
                 let shown_cap: String = capability.chars().take(32).collect();
                 return Err(self.refuse(
                     format!(

@@ -169,6 +169,11 @@ fn every_way_out_of_the_mesh_is_refused_with_what_to_change() {
             "remove CAP_NET_ADMIN",
         ),
         (json!({"capabilities": {"add": ["ALL"]}}), "remove ALL"),
+        (
+            json!({"capabilities": {"add": ["SYS_ADMIN"]}}),
+            "remove SYS_ADMIN",
+        ),
+        (json!({"capabilities": {"add": ["bpf"]}}), "remove bpf"),
     ];
     for kind in ["initContainers", "containers", "ephemeralContainers"] {
         for (context, fix) in &bad {
@@ -426,4 +431,31 @@ fn kubectl_debug_gets_no_container_that_bypasses_the_capture() {
         );
     }
     assert_eq!(count(&registry, "denied", "enforced"), 3);
+
+    // ptrace (kubectl debug --profile=general) of the app is fine; of the
+    // sidecar, or in a pod whose containers share one process namespace,
+    // it would drive the uncaptured proxy.
+    let ptrace = json!({"capabilities": {"add": ["SYS_PTRACE"]}});
+    let app = answer(&with(json!({"name": "debugger", "image": "busybox",
+        "targetContainerName": "web", "securityContext": ptrace})));
+    assert_eq!(app["response"]["allowed"], true, "{app}");
+    let sidecar = answer(&with(json!({"name": "debugger", "image": "busybox",
+        "targetContainerName": "palisade-sidecar", "securityContext": ptrace})));
+    assert_eq!(sidecar["response"]["allowed"], false, "{sidecar}");
+    old["spec"]["shareProcessNamespace"] = json!(true);
+    let answer = |new: &Value| injector.review(&ephemeral_review(&old, new)).body();
+    let mut shared = old.clone();
+    shared["spec"]["ephemeralContainers"]
+        .as_array_mut()
+        .expect("list")
+        .push(json!({"name": "debugger", "image": "busybox", "securityContext": ptrace}));
+    let shared = answer(&shared);
+    assert_eq!(shared["response"]["allowed"], false, "{shared}");
+    assert!(
+        shared["response"]["status"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("remove SYS_PTRACE")),
+        "{shared}"
+    );
+    assert_eq!(count(&registry, "denied", "enforced"), 5);
 }
