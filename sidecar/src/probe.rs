@@ -115,13 +115,13 @@ fn root() -> String {
 /// Why `PALISADE_APP_PROBES` cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbesError {
-    #[error("--app-probes is not the JSON the webhook writes: {0}")]
+    #[error("not the JSON the webhook writes ({0})")]
     Json(String),
-    #[error("--app-probes: probe {0:?} must have exactly one of httpGet, tcpSocket and grpc")]
+    #[error("probe {0:?} must have exactly one of httpGet, tcpSocket and grpc")]
     Handler(String),
-    #[error("--app-probes: probe {0:?} has port 0")]
+    #[error("probe {0:?} has port 0")]
     Port(String),
-    #[error("--app-probes: probe {0:?} is not <container>/<liveness|readiness|startup>")]
+    #[error("probe {0:?} is not <container>/<liveness|readiness|startup>")]
     Key(String),
 }
 

@@ -97,8 +97,13 @@ pub struct RunArgs {
     #[arg(long, env = "PALISADE_ADMIN_ADDR", default_value = "0.0.0.0:15020")]
     pub admin_addr: SocketAddr,
     /// The app's original kubelet probes as JSON, written by the webhook when it rewrote them to /app-health on the admin port.
-    #[arg(long, env = "PALISADE_APP_PROBES", value_name = "JSON")]
-    pub app_probes: Option<AppProbes>,
+    #[arg(
+        long,
+        env = "PALISADE_APP_PROBES",
+        value_name = "JSON",
+        hide_env_values = true
+    )]
+    pub app_probes: Option<String>,
     /// The pod's address, where the app's probes are sent (kubelet's target); loopback without it.
     #[arg(long, env = "PALISADE_POD_IP", value_name = "ADDRESS")]
     pub pod_ip: Option<IpAddr>,
@@ -124,7 +129,9 @@ pub struct RunConfig {
     pub default_action: DefaultAction,
     pub access_log: AccessLog,
     pub admin_addr: SocketAddr,
-    /// The app's probes the admin server performs.
+    /// The app's probes the admin server performs; `/config` shows their
+    /// names only (a probe's headers can carry a credential).
+    #[serde(serialize_with = "probe_names")]
     pub app_probes: AppProbes,
     pub pod_ip: Option<IpAddr>,
     pub limits: Limits,
@@ -134,6 +141,10 @@ pub struct RunConfig {
     pub tls: TlsSettings,
     /// Threads of the runtime; 0 is one per CPU.
     pub worker_threads: usize,
+}
+
+fn probe_names<S: serde::Serializer>(probes: &AppProbes, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(probes.0.keys())
 }
 
 /// A flag combination that cannot work.
@@ -184,6 +195,16 @@ impl RunArgs {
                 why: "with --discovery the control plane delivers the pod's policy; the file is for use without discovery",
             });
         }
+        // Parsed here, not by clap, whose errors quote the value: a probe's
+        // headers can hold a credential.
+        let app_probes = match &self.app_probes {
+            None => AppProbes::default(),
+            Some(json) => json.parse().map_err(|e: crate::probe::ProbesError| ConfigError {
+                flag: "--app-probes",
+                value: e.to_string(),
+                why: "expected the probes the webhook writes (the value is not shown: a probe's headers can hold a credential)",
+            })?,
+        };
         Ok(RunConfig {
             discovery,
             credentials,
@@ -193,7 +214,7 @@ impl RunArgs {
             default_action: self.default_action,
             access_log: self.access_log,
             admin_addr: self.admin_addr,
-            app_probes: self.app_probes.unwrap_or_default(),
+            app_probes,
             pod_ip: self.pod_ip,
             limits: self.limits.limits(),
             max_connections: self.limits.max_connections()?,
@@ -231,6 +252,28 @@ mod tests {
         assert_eq!(config.outbound[0].0.port(), 15001);
         assert_eq!(config.inbound[0].0.port(), 15006);
         assert_eq!(config.admin_addr.port(), 15020);
+    }
+
+    #[test]
+    fn the_app_s_probes_parse_and_config_shows_their_names_only() {
+        let probes = r#"{"web/readiness": {"httpGet": {"port": 8080, "path": "/ready",
+            "httpHeaders": [{"name": "Authorization", "value": "Bearer s3cret-probe-token"}]}}}"#;
+        let config = run(&["--app-probes", probes, "--pod-ip", "198.18.0.2"]).expect("valid");
+        assert_eq!(config.pod_ip, Some("198.18.0.2".parse().expect("ip")));
+        assert_eq!(config.app_probes.0["web/readiness"].timeout_seconds, 1);
+        let shown = serde_json::to_string(&config).expect("serializable");
+        assert!(
+            shown.contains(r#""app_probes":["web/readiness"]"#),
+            "{shown}"
+        );
+        assert!(!shown.contains("s3cret"), "{shown}");
+        // A bad value names the flag and quotes nothing of it.
+        let error = run(&["--app-probes", r#"{"web/readiness": {"exec": "s3cret"}}"#])
+            .expect_err("unknown field");
+        assert!(
+            error.contains("--app-probes") && !error.contains("s3cret"),
+            "{error}"
+        );
     }
 
     #[test]
