@@ -2,7 +2,7 @@
 //!
 //! Label sets are bounded. The closed ones are the enums below
 //! ([`Direction`], [`HandshakeFailure`], [`Security`], [`Flow`],
-//! [`OutboundKind`]), [`crate::discovery::Refusal`] and [`Outcome`]; the open ones are peer identities (as many as the mesh has
+//! [`OutboundKind`], [`InboundRefusal`]), [`crate::discovery::Refusal`] and [`Outcome`]; the open ones are peer identities (as many as the mesh has
 //! service accounts, and only ones a CA of the bundle vouched for) and the
 //! ports of the pod's own app.
 
@@ -94,6 +94,18 @@ pub enum Flow {
 }
 
 /// What discovery made of an outbound destination: the `kind` of
+/// Why an inbound connection was refused before its first byte was read,
+/// for `palisade_inbound_refusals_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum InboundRefusal {
+    /// Its original destination is not one of the pod's own addresses: a
+    /// neighbour routed a connection for another host through the pod, and
+    /// relaying it would make the sidecar its proxy (SSRF, a NetworkPolicy
+    /// bypass).
+    ForeignDestination,
+}
+
 /// `palisade_outbound_decisions_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr, strum::VariantArray)]
 #[strum(serialize_all = "snake_case")]
@@ -135,6 +147,7 @@ pub struct Metrics {
     bundle_roots: IntGauge,
     decisions: IntCounterVec,
     refusals: IntCounterVec,
+    inbound_refusals: IntCounterVec,
     endpoint_failures: IntCounter,
     stream_connected: IntGauge,
     stream_opens: IntCounterVec,
@@ -261,6 +274,11 @@ impl Metrics {
             "Outbound connections refused before a byte was sent, by reason.",
             vec![Label::closed::<Refusal>("reason")],
         )?;
+        let inbound_refusals = f.counter_vec(
+            "palisade_inbound_refusals_total",
+            "Inbound connections refused before a byte was read, by reason.",
+            vec![Label::closed::<InboundRefusal>("reason")],
+        )?;
         let endpoint_failures = f.int_counter(
             "palisade_outbound_endpoint_failures_total",
             "Service endpoints that refused or did not answer a connect, each then passed over for 5 s while another is up.",
@@ -304,6 +322,9 @@ impl Metrics {
         for reason in Refusal::ALL {
             refusals.with_label_values(&[reason.as_str()]);
         }
+        for reason in InboundRefusal::ALL {
+            inbound_refusals.with_label_values(&[reason.as_str()]);
+        }
         for d in Direction::ALL {
             let d = d.as_str();
             active.with_label_values(&[d]);
@@ -332,6 +353,7 @@ impl Metrics {
             bundle_roots,
             decisions,
             refusals,
+            inbound_refusals,
             endpoint_failures,
             stream_connected,
             stream_opens,
@@ -451,6 +473,13 @@ impl Metrics {
         self.refusals.with_label_values(&[reason.as_str()]).inc();
     }
 
+    /// Counts an inbound connection refused before a byte was read.
+    pub fn inbound_refused(&self, reason: InboundRefusal) {
+        self.inbound_refusals
+            .with_label_values(&[reason.as_str()])
+            .inc();
+    }
+
     /// Counts a Service endpoint that refused or did not answer a connect.
     pub fn endpoint_failed(&self) {
         self.endpoint_failures.inc();
@@ -536,6 +565,7 @@ mod tests {
         assert_eq!(Direction::names(), ["inbound", "outbound"]);
         assert_eq!(Security::names(), ["mtls", "plaintext"]);
         assert_eq!(Flow::names(), ["request", "response"]);
+        assert_eq!(InboundRefusal::names(), ["foreign_destination"]);
         assert_eq!(
             OutboundKind::names(),
             ["meshed", "unmeshed", "service", "unknown", "refused"]

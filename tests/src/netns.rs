@@ -56,7 +56,7 @@ use std::{
 pub use rustix::process::Signal;
 use wait_timeout::ChildExt;
 
-use crate::{eventually, require_root};
+use crate::{ControlPlane, eventually, require_root};
 
 /// Every namespace and temporary directory of this harness starts with it,
 /// followed by the pid of the test process that owns it.
@@ -1160,6 +1160,93 @@ fn alive(pid: u32) -> bool {
             .and_then(|(_, rest)| rest.split_whitespace().next());
         !matches!(state, Some("Z" | "X") | None)
     })
+}
+
+/// Starts `pod`'s sidecar (`bin`, from [`sidecar_for_proxy_uid`]) as uid
+/// 1337 in file mode with its certificates from `cert_dir`: transparent
+/// listeners on 15001 (loopback) and 15006, admin on 0.0.0.0:15020, mesh
+/// networks `mesh_networks`, and `extra` flags. Logs to
+/// `sidecar-<role>.log`; returns once its `/ready` answers 200.
+pub fn start_sidecar(
+    lan: &Lan,
+    pod: &Netns,
+    bin: &Path,
+    cert_dir: &Path,
+    mesh_networks: &str,
+    extra: &[&str],
+) -> Proc {
+    let role = pod.role().to_owned();
+    let log = lan.log(&format!("sidecar-{role}"));
+    let mut proc = pod.spawn(
+        &format!("sidecar {role}"),
+        &User::uid(PROXY_UID),
+        bin,
+        |command| {
+            command
+                .args(["run", "--cert-dir"])
+                .arg(cert_dir)
+                .args([
+                    &format!("--mesh-networks={mesh_networks}"),
+                    "--outbound-addr=127.0.0.1:15001",
+                    "--inbound-addr=0.0.0.0:15006",
+                    "--admin-addr=0.0.0.0:15020",
+                    "--log-level=debug",
+                ])
+                .args(extra)
+                .stdout(log.try_clone().expect("log file"))
+                .stderr(log);
+        },
+    );
+    eventually(
+        Duration::from_secs(15),
+        &format!("sidecar {role} to answer /ready with 200"),
+        || {
+            if let Some(status) = proc.exited() {
+                panic!("sidecar {role} exited ({status}) before it was ready");
+            }
+            (curl_status(pod, "http://127.0.0.1:15020/ready") == "200").then_some(())
+        },
+    );
+    proc
+}
+
+/// Gets a certificate for `identity` from the control plane `cp` with
+/// `palisade-sidecar certify`, in the host namespace, into a directory the
+/// sidecar's uid owns.
+pub fn certify(lan: &Lan, cp: &ControlPlane, name: &str, identity: &str, token: &str) -> PathBuf {
+    let token_file = lan.dir().join(format!("token-{name}"));
+    fs::write(&token_file, token).expect("write token");
+    let out = lan.dir().join(format!("certs-{name}"));
+    run(Command::new(crate::bin("palisade-sidecar"))
+        .args([
+            "certify",
+            "--control-plane",
+            &format!("https://{}", cp.grpc_addr),
+        ])
+        .arg("--bundle")
+        .arg(cp.ca_dir.join("ca.crt"))
+        .args(["--identity", identity])
+        .arg("--token-file")
+        .arg(&token_file)
+        .arg("--out")
+        .arg(&out));
+    let owned = [out.clone()].into_iter().chain(
+        fs::read_dir(&out)
+            .expect("read certs")
+            .flatten()
+            .map(|e| e.path()),
+    );
+    for path in owned {
+        std::os::unix::fs::chown(&path, Some(PROXY_UID), Some(PROXY_UID))
+            .expect("chown to the proxy uid");
+    }
+    assert!(
+        as_proxy_uid("-r", &out.join("tls.key")),
+        "uid {PROXY_UID} cannot read {}: is a directory above it closed to others? \
+         point TMPDIR somewhere world-traversable",
+        out.display()
+    );
+    out
 }
 
 #[cfg(test)]

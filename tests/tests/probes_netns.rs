@@ -24,20 +24,13 @@
 //! tail of every log and the hosts' nat tables; namespaces and processes are
 //! removed when it ends, whatever happens (see `palisade_tests::netns`).
 
-use std::{
-    fs,
-    net::Ipv4Addr,
-    os::unix::fs::chown,
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{fs, net::Ipv4Addr, process::Stdio, time::Duration};
 
 use palisade_tests::{
-    ControlPlane, bin, eventually, metric,
+    ControlPlane, eventually, metric,
     netns::{
-        App, Lan, Netns, PROXY_UID, Proc, Signal, User, as_proxy_uid, curl, curl_status, run,
-        secret, send, sidecar_for_proxy_uid, tool,
+        App, Lan, Netns, Proc, Signal, User, certify, curl, curl_status, secret, send,
+        sidecar_for_proxy_uid, start_sidecar, tool,
     },
 };
 
@@ -272,6 +265,7 @@ impl Pod {
             b,
             &sidecar_bin,
             &certs,
+            MESH_NETWORKS,
             &[
                 "--inbound-mode=strict",
                 &format!("--app-probes={probes}"),
@@ -348,70 +342,4 @@ fn start_http_app(lan: &Lan, pod: &Netns, user: &User) -> Proc {
         proc.exited()
     );
     proc
-}
-
-/// Starts b's sidecar as uid 1337 with its certificates from `cert_dir`,
-/// logging to `sidecar-b.log`, and waits for its `/ready`.
-fn start_sidecar(lan: &Lan, pod: &Netns, bin: &Path, cert_dir: &Path, extra: &[&str]) -> Proc {
-    let log = lan.log("sidecar-b");
-    let mut proc = pod.spawn("sidecar b", &User::uid(PROXY_UID), bin, |command| {
-        command
-            .args(["run", "--cert-dir"])
-            .arg(cert_dir)
-            .args([
-                &format!("--mesh-networks={MESH_NETWORKS}"),
-                "--outbound-addr=127.0.0.1:15001",
-                "--inbound-addr=0.0.0.0:15006",
-                "--admin-addr=0.0.0.0:15020",
-                "--log-level=debug",
-            ])
-            .args(extra)
-            .stdout(log.try_clone().expect("log file"))
-            .stderr(log);
-    });
-    eventually(WAIT, "sidecar b to answer /ready with 200", || {
-        if let Some(status) = proc.exited() {
-            panic!("sidecar b exited ({status}) before it was ready");
-        }
-        (curl_status(pod, "http://127.0.0.1:15020/ready") == "200").then_some(())
-    });
-    proc
-}
-
-/// Gets a certificate for `identity` from the control plane with
-/// `palisade-sidecar certify`, in the host namespace, into a directory the
-/// sidecar's uid owns.
-fn certify(lan: &Lan, cp: &ControlPlane, name: &str, identity: &str, token: &str) -> PathBuf {
-    let token_file = lan.dir().join(format!("token-{name}"));
-    fs::write(&token_file, token).expect("write token");
-    let out = lan.dir().join(format!("certs-{name}"));
-    run(Command::new(bin("palisade-sidecar"))
-        .args([
-            "certify",
-            "--control-plane",
-            &format!("https://{}", cp.grpc_addr),
-        ])
-        .arg("--bundle")
-        .arg(cp.ca_dir.join("ca.crt"))
-        .args(["--identity", identity])
-        .arg("--token-file")
-        .arg(&token_file)
-        .arg("--out")
-        .arg(&out));
-    let owned = [out.clone()].into_iter().chain(
-        fs::read_dir(&out)
-            .expect("read certs")
-            .flatten()
-            .map(|e| e.path()),
-    );
-    for path in owned {
-        chown(&path, Some(PROXY_UID), Some(PROXY_UID)).expect("chown to the proxy uid");
-    }
-    assert!(
-        as_proxy_uid("-r", &out.join("tls.key")),
-        "uid {PROXY_UID} cannot read {}: is a directory above it closed to others? \
-         point TMPDIR somewhere world-traversable",
-        out.display()
-    );
-    out
 }

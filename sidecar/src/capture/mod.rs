@@ -9,7 +9,8 @@
 //!                                            RETURN excluded destination ports
 //!                                            REDIRECT --to-ports 15001
 //! nat PREROUTING -p tcp -> PALISADE_INBOUND: RETURN excluded destination ports
-//!                                            REDIRECT --to-ports 15006
+//!                                            REDIRECT --to-ports 15006, for the
+//!                                            pod's own addresses only (addrtype LOCAL)
 //! ```
 //!
 //! The same rules go to `ip6tables` unless IPv6 capture is off.

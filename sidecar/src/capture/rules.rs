@@ -201,8 +201,11 @@ pub(crate) fn install_batch(
             "-A {INBOUND_CHAIN} -p tcp -m tcp --dport {port} -j RETURN"
         ));
     }
+    // Only what is addressed to the pod itself: a connection routed through
+    // the pod for another host is left to the kernel, which does not forward
+    // it, instead of reaching the sidecar and being relayed.
     lines.push(format!(
-        "-A {INBOUND_CHAIN} -p tcp -j REDIRECT --to-ports {}",
+        "-A {INBOUND_CHAIN} -p tcp -m addrtype --dst-type LOCAL -j REDIRECT --to-ports {}",
         config.inbound_port
     ));
     lines.push(format!(

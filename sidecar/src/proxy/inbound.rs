@@ -10,7 +10,7 @@ use palisade_proto::SpiffeId;
 use serde::Serialize;
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::{
     Proxy,
@@ -23,7 +23,7 @@ use super::{
     relay::{Activity, relay_tallied},
 };
 use crate::{
-    metrics::{Direction::Inbound, HandshakeFailure, LabelValue, Security},
+    metrics::{Direction::Inbound, HandshakeFailure, InboundRefusal, LabelValue, Security},
     policy::{DENY_LIST, Decision, Verdict},
     tls::spiffe_id,
 };
@@ -62,6 +62,15 @@ pub async fn handle(proxy: Arc<Proxy>, target: Arc<InboundTarget>, tcp: TcpStrea
     let app = match &*target {
         InboundTarget::Explicit { app } => *app,
         InboundTarget::Transparent { .. } => match original_dst(&tcp) {
+            Ok(dst) if !proxy.local.contains(dst.ip()) => {
+                // Relaying it would make the sidecar (uid 1337, never
+                // captured) a proxy into whatever the sender names.
+                warn!(%dst, "refused an inbound connection for an address that is not the pod's");
+                proxy
+                    .metrics
+                    .inbound_refused(InboundRefusal::ForeignDestination);
+                return;
+            }
             Ok(dst) if Some(dst) != tcp.local_addr().ok() => dst,
             Ok(_) => {
                 debug!("a direct connection to the inbound port (not redirected): closing");

@@ -19,6 +19,7 @@ pub mod buffers;
 pub mod detect;
 pub mod handshake;
 pub mod inbound;
+pub mod local;
 pub mod outbound;
 pub mod prefixed;
 pub mod relay;
@@ -79,6 +80,8 @@ pub struct Proxy {
     pub limits: Limits,
     /// The opt-in access log.
     pub access_log: access::AccessLog,
+    /// The pod's own addresses, the only inbound original destinations.
+    pub local: Arc<local::LocalAddrs>,
     connections: Arc<Semaphore>,
     tracker: TaskTracker,
 }
@@ -101,6 +104,7 @@ impl Proxy {
             metrics,
             limits,
             access_log: access::AccessLog::Off,
+            local: Arc::new(local::LocalAddrs::read()),
             connections: Arc::new(Semaphore::new(max_connections.max(1))),
             tracker: TaskTracker::new(),
         }

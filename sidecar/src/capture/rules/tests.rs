@@ -8,7 +8,7 @@ const DEFAULT_V4: &str = "\
 *nat
 :PALISADE_INBOUND - [0:0]
 :PALISADE_OUTPUT - [0:0]
--A PALISADE_INBOUND -p tcp -j REDIRECT --to-ports 15006
+-A PALISADE_INBOUND -p tcp -m addrtype --dst-type LOCAL -j REDIRECT --to-ports 15006
 -A PALISADE_OUTPUT -m owner --uid-owner 1337 -j RETURN
 -A PALISADE_OUTPUT -o lo -j RETURN
 -A PALISADE_OUTPUT -p tcp -j REDIRECT --to-ports 15001
@@ -44,7 +44,7 @@ fn excluded_ports_return_before_the_redirect_sorted_and_once() {
         lines,
         [
             "-A PALISADE_INBOUND -p tcp -m tcp --dport 8080 -j RETURN",
-            "-A PALISADE_INBOUND -p tcp -j REDIRECT --to-ports 15006",
+            "-A PALISADE_INBOUND -p tcp -m addrtype --dst-type LOCAL -j REDIRECT --to-ports 15006",
             "-A PALISADE_OUTPUT -m owner --uid-owner 1337 -j RETURN",
             "-A PALISADE_OUTPUT -o lo -j RETURN",
             "-A PALISADE_OUTPUT -p tcp -m tcp --dport 443 -j RETURN",
@@ -65,7 +65,9 @@ fn rules_follow_the_configured_uid_and_ports() {
     let text = rules(&config, Family::V4).expect("valid config");
     assert!(text.contains("-A PALISADE_OUTPUT -m owner --uid-owner 2102 -j RETURN\n"));
     assert!(text.contains("-A PALISADE_OUTPUT -p tcp -j REDIRECT --to-ports 16001\n"));
-    assert!(text.contains("-A PALISADE_INBOUND -p tcp -j REDIRECT --to-ports 16006\n"));
+    assert!(text.contains(
+        "-A PALISADE_INBOUND -p tcp -m addrtype --dst-type LOCAL -j REDIRECT --to-ports 16006\n"
+    ));
     assert!(!text.contains("1337"));
     assert!(!text.contains("1500"));
 }
