@@ -11,16 +11,23 @@
 //!                 └── t  198.18.0.3  the target: an app on :5432 that logs who connects
 //! ```
 //!
-//! b is permissive, the mode in which a relay would carry plaintext. Needs
-//! root (CI runs as root): without it every test fails, never skips.
+//! b is permissive, the mode in which a relay would carry plaintext.
+//!
+//! Then server-first ports (MySQL, PostgreSQL, Redis, ...: the client waits
+//! for the server's greeting): pod `m` (198.18.0.4, meshed) and plain host
+//! `c` (198.18.0.5) talk to a greeter on b's 3306. A mesh client always
+//! speaks first, so mesh TLS works there in both modes; in permissive mode
+//! the app's own silent client still gets its greeting.
+//!
+//! Needs root (CI runs as root): without it every test fails, never skips.
 
-use std::{fs, net::Ipv4Addr, path::PathBuf};
+use std::{fs, net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use palisade_tests::{
     ControlPlane, metric,
     netns::{
-        App, Lan, Proc, User, certify, curl, secret, send, sidecar_for_proxy_uid, start_sidecar,
-        tool,
+        App, Lan, Netns, Proc, User, certify, curl, secret, send, sidecar_for_proxy_uid,
+        start_sidecar, tool,
     },
 };
 
@@ -193,5 +200,231 @@ fn the_sidecar_refuses_a_foreign_destination_that_rules_redirect_to_it() {
     assert!(
         log.contains("not the pod's") && log.contains(&T_IP.to_string()),
         "the sidecar logs the refused destination:\n{log}"
+    );
+}
+
+// === server-first ports ===
+
+const M_ID: &str = "spiffe://cluster.local/ns/m/sa/app-m";
+const M_TOKEN: &str = "token-of-app-m-0123456789";
+const M_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 4);
+const C_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 5);
+/// A server-first port of the chart's defaults (MySQL).
+const GREETER_PORT: u16 = 3306;
+
+/// b's app on a server-first port: greets at once, then answers one line.
+/// Logs the first bytes it receives, so a ClientHello handed to it as data
+/// shows.
+const GREETER: &str = r#"
+import socket, sys, threading
+port = int(sys.argv[1])
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", port))
+s.listen(64)
+def serve(conn, peer):
+    with conn:
+        conn.settimeout(10)
+        conn.sendall(b"GREETING from b\n")
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            line += chunk
+        print(f"{peer[0]} sent {line[:16]!r}", file=sys.stderr, flush=True)
+        conn.sendall(b"b got " + line)
+print("ready", flush=True)
+while True:
+    conn, peer = s.accept()
+    threading.Thread(target=serve, args=(conn, peer), daemon=True).start()
+"#;
+
+/// A client of a server-first protocol: waits for the greeting, then sends
+/// a line; prints the greeting and the answer.
+const WAITING_CLIENT: &str = r#"
+import socket, sys
+conn = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+got = b""
+while not got.endswith(b"\n"):
+    chunk = conn.recv(4096)
+    if not chunk:
+        break
+    got += chunk
+conn.sendall(sys.argv[3].encode() + b"\n")
+while True:
+    chunk = conn.recv(4096)
+    if not chunk:
+        break
+    got += chunk
+sys.stdout.write(got.decode(errors="replace"))
+"#;
+
+/// b (greeter on a server-first port, sidecar in `mode`), m (meshed
+/// client) and c (plain client).
+struct ServerFirst {
+    _sidecars: [Proc; 2],
+    _greeter: Proc,
+    _control_plane: ControlPlane,
+    lan: Lan,
+}
+
+impl ServerFirst {
+    fn start(mode: &str) -> Self {
+        for name in [
+            "ip",
+            "iptables-save",
+            "setpriv",
+            "python3",
+            "curl",
+            "timeout",
+        ] {
+            tool(name);
+        }
+        let mut lan = Lan::new(NODE_IP, 24);
+        lan.add_host("b", B_IP);
+        lan.add_host("m", M_IP);
+        lan.add_host("c", C_IP);
+        let cp_dir = lan.dir().join("control-plane");
+        fs::create_dir(&cp_dir).expect("mkdir");
+        let control_plane = ControlPlane::start(&cp_dir, &[(B_TOKEN, B_ID), (M_TOKEN, M_ID)], &[])
+            .expect("the control plane starts");
+        let bin = sidecar_for_proxy_uid(&lan);
+        let mut sidecars = Vec::new();
+        for (role, id, token, extra) in [
+            ("b", B_ID, B_TOKEN, format!("--inbound-mode={mode}")),
+            ("m", M_ID, M_TOKEN, "--inbound-mode=strict".to_owned()),
+        ] {
+            let certs = certify(&lan, &control_plane, role, id, token);
+            let host = lan.host(role);
+            host.exec(&bin, &["init", "--ipv6=false"]);
+            sidecars.push(start_sidecar(
+                &lan,
+                host,
+                &bin,
+                &certs,
+                "198.18.0.0/24",
+                &[&extra, &format!("--server-first-ports={GREETER_PORT}")],
+            ));
+        }
+        let log = lan.log("greeter-b");
+        let mut greeter =
+            lan.host("b")
+                .spawn("greeter b", &User::uid(1000), tool("python3"), |c| {
+                    c.args(["-u", "-c", GREETER, &GREETER_PORT.to_string()])
+                        .stdout(std::process::Stdio::piped())
+                        .stderr(log);
+                });
+        assert_eq!(
+            greeter.read_line(Duration::from_secs(10)).as_deref(),
+            Some("ready"),
+            "b's greeter did not start"
+        );
+        let [b, m] = <[Proc; 2]>::try_from(sidecars).expect("two sidecars");
+        Self {
+            _sidecars: [b, m],
+            _greeter: greeter,
+            _control_plane: control_plane,
+            lan,
+        }
+    }
+
+    /// A waiting client in `from` as uid 1000 (an app, so m's is captured):
+    /// the greeting and the answer, or why there were none.
+    fn exchange(&self, from: &Netns, line: &str) -> Result<String, String> {
+        let out = from
+            .command_as(&User::uid(1000), tool("timeout"))
+            .arg("10")
+            .arg(tool("python3"))
+            .args([
+                "-c",
+                WAITING_CLIENT,
+                &B_IP.to_string(),
+                &GREETER_PORT.to_string(),
+                line,
+            ])
+            .output()
+            .expect("run the client");
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    fn b_metric(&self, labels: &[(&str, &str)]) -> f64 {
+        metric(
+            &curl(self.lan.host("b"), "http://127.0.0.1:15020/metrics"),
+            "palisade_tls_handshakes_total",
+            labels,
+        )
+    }
+
+    fn greeter_log(&self) -> String {
+        fs::read_to_string(self.lan.dir().join("greeter-b.log")).unwrap_or_default()
+    }
+}
+
+fn greeted(line: &str) -> String {
+    format!("GREETING from b\nb got {line}\n")
+}
+
+#[test]
+fn in_strict_mode_a_server_first_port_carries_mesh_tls_and_refuses_plaintext() {
+    let scene = ServerFirst::start("strict");
+    let line = secret("strict-mesh");
+    assert_eq!(
+        scene.exchange(scene.lan.host("m"), &line),
+        Ok(greeted(&line)),
+        "m's app, meshed, talks to b's server-first app through mesh TLS"
+    );
+    assert_eq!(
+        scene.b_metric(&[("direction", "inbound"), ("result", "success")]),
+        1.0,
+        "b terminated m's mesh TLS on the server-first port"
+    );
+    // A plain client waits for a greeting that never comes: refused.
+    let plain = secret("strict-plain");
+    let reply = scene.exchange(scene.lan.host("c"), &plain);
+    assert!(
+        !reply.as_ref().is_ok_and(|r| r.contains("GREETING")),
+        "strict mode gives a plain client nothing of b's app; got {reply:?}"
+    );
+    assert!(
+        !scene.greeter_log().contains(&C_IP.to_string()),
+        "b's app never sees c:\n{}",
+        scene.greeter_log()
+    );
+}
+
+#[test]
+fn in_permissive_mode_a_server_first_port_takes_mesh_tls_and_greets_a_silent_plain_client() {
+    let scene = ServerFirst::start("permissive");
+    let line = secret("permissive-mesh");
+    assert_eq!(
+        scene.exchange(scene.lan.host("m"), &line),
+        Ok(greeted(&line)),
+        "m's app, meshed, talks to b's server-first app through mesh TLS"
+    );
+    assert_eq!(
+        scene.b_metric(&[("direction", "inbound"), ("result", "success")]),
+        1.0,
+        "b terminated m's mesh TLS instead of handing the ClientHello to the app"
+    );
+    let log = scene.greeter_log();
+    assert!(
+        !log.contains("\\x16\\x03"),
+        "b's app must never get a ClientHello as data:\n{log}"
+    );
+    // The app's own client, silent until greeted, is the app's.
+    let plain = secret("permissive-plain");
+    assert_eq!(
+        scene.exchange(scene.lan.host("c"), &plain),
+        Ok(greeted(&plain)),
+        "a plain client that waits for the greeting gets it in permissive mode"
     );
 }

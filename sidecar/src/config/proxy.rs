@@ -93,6 +93,9 @@ pub struct LimitArgs {
     /// An inbound client that sends nothing is dropped after this long.
     #[arg(long, env = "PALISADE_DETECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub detect_timeout: Duration,
+    /// On a server-first port in permissive mode, a client silent this long is the app's own (plaintext); one that speaks first is detected (mesh TLS is terminated).
+    #[arg(long, env = "PALISADE_SERVER_FIRST_WAIT", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub server_first_wait: Duration,
     /// Connecting to the app or a peer gives up after this long.
     #[arg(long, env = "PALISADE_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
@@ -221,6 +224,7 @@ impl LimitArgs {
         Limits {
             handshake: self.handshake_timeout,
             detect: self.detect_timeout,
+            server_first_wait: self.server_first_wait,
             connect: self.connect_timeout,
             idle: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
         }

@@ -211,6 +211,7 @@ mod tests {
         let limits = Limits {
             handshake: Duration::from_secs(10),
             detect: Duration::from_secs(5),
+            server_first_wait: Duration::from_millis(100),
             connect: Duration::from_secs(5),
             idle: None,
         };

@@ -107,15 +107,22 @@ async fn classify(
         } => {
             // A delivered policy sets the mode; else the sidecar's own.
             let mode = &proxy.policy.current().mode().unwrap_or(*mode);
-            if server_first_ports.contains(&port) {
-                // The client waits for the server: nothing to detect.
-                return match mode {
-                    Mode::Strict => {
-                        debug!(port, "strict mode refuses a server-first port's plaintext");
-                        Err(Refusal::from(HandshakeFailure::Plaintext).closing(tcp))
-                    }
-                    Mode::Permissive => Ok(Ready::Plain(PrefixedIo::new(Vec::new(), tcp))),
-                };
+            // On a server-first port the app's own clients wait for the
+            // server, while a mesh client always speaks first. Strict mode
+            // detects as on any port (silence is refused after the detect
+            // timeout); permissive mode waits briefly for a first byte and
+            // takes silence for the app's own client.
+            if *mode == Mode::Permissive
+                && server_first_ports.contains(&port)
+                && tokio::time::timeout(proxy.limits.server_first_wait, tcp.peek(&mut [0; 1]))
+                    .await
+                    .is_err()
+            {
+                debug!(
+                    port,
+                    "a silent client on a server-first port: the app's own"
+                );
+                return Ok(Ready::Plain(PrefixedIo::new(Vec::new(), tcp)));
             }
             *mode
         }

@@ -56,6 +56,11 @@ pub struct Limits {
     /// A client that sends nothing is dropped after this long.
     #[serde(with = "humantime_serde")]
     pub detect: Duration,
+    /// On a server-first port in permissive mode, how long a client's
+    /// silence is awaited before the connection is taken for the app's own
+    /// (a mesh client sends its ClientHello at once).
+    #[serde(with = "humantime_serde")]
+    pub server_first_wait: Duration,
     /// Connecting to the app or to a peer gives up after this long.
     #[serde(with = "humantime_serde")]
     pub connect: Duration,
