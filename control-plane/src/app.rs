@@ -16,7 +16,7 @@ use tracing::{error, info, warn};
 
 use palisade_proto::TrustDomain;
 use palisade_runtime::{
-    admin::{self, AdminState},
+    admin::{self, AdminLimits, AdminState},
     verifier::{SpiffeClientVerifier, Verification},
     watch::reload_on_change,
 };
@@ -355,6 +355,7 @@ impl App {
                 serde_json::to_value(&config).context("serializing the configuration")?,
             ),
             routes: axum::Router::new(),
+            limits: AdminLimits::default(),
         };
         let admin_server = tokio::spawn(admin::serve(admin, admin_state, stopped()));
 
@@ -403,7 +404,7 @@ impl App {
         })
         .await;
         match drained {
-            Ok((Ok(Ok(())), Ok(Ok(())))) => info!("stopped"),
+            Ok((Ok(Ok(())), Ok(()))) => info!("stopped"),
             Ok((grpc, admin)) => error!(?grpc, ?admin, "a server ended with an error"),
             Err(_) => warn!("the shutdown grace ran out; abandoning in-flight requests"),
         }

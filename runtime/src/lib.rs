@@ -1,7 +1,8 @@
 //! What both Palisade binaries run on.
 //!
 //! - [`watch`]: file change notification for hot reloads.
-//! - [`admin`]: the admin server: `/metrics`, `/ready`, `/live`, `/config`.
+//! - [`admin`]: the admin server: `/metrics`, `/ready`, `/live`, and
+//!   `/config` on loopback only; bounded in connections and time.
 //! - [`telemetry`]: the logging flags both binaries share, and logging setup.
 //! - [`process`]: the crypto provider, the shutdown signal, the exit code.
 //! - [`metrics`]: closed label sets as types, and the catalogue of registered

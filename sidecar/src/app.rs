@@ -6,7 +6,7 @@ use anyhow::Context;
 use palisade_proto::SpiffeId;
 use palisade_runtime::metrics::Outcome;
 use palisade_runtime::{
-    admin::{self, AdminState},
+    admin::{self, AdminLimits, AdminState},
     watch::reload_on_change,
 };
 use prometheus::Registry;
@@ -151,19 +151,20 @@ impl App {
             config: Arc::new(
                 serde_json::to_value(&config).context("serializing the configuration")?,
             ),
-            routes: Arc::new(
-                Prober::new(config.app_probes.clone(), config.pod_ip)
-                    .context("preparing the app's probes")?,
-            )
-            .routes(),
+            routes: crate::admin::routes(
+                store,
+                Arc::new(
+                    Prober::new(config.app_probes.clone(), config.pod_ip)
+                        .context("preparing the app's probes")?,
+                ),
+            ),
+            limits: AdminLimits::default(),
         };
-        let admin_stop = stop.clone();
-        tasks.spawn(async move {
-            if let Err(error) = admin::serve(admin, admin_state, admin_stop.cancelled_owned()).await
-            {
-                warn!(%error, "the admin server failed");
-            }
-        });
+        tasks.spawn(admin::serve(
+            admin,
+            admin_state,
+            stop.clone().cancelled_owned(),
+        ));
 
         match config.credentials.clone() {
             CredentialSource::Files { dir } => {

@@ -3,6 +3,8 @@
 //!
 //! - [`config`]: flags and environment, the only place that reads them.
 //! - [`app`]: wires the parts together and runs them until shutdown.
+//! - [`admin`]: the sidecar's routes on the admin port: `/identity` and the
+//!   app's rewritten probes.
 //! - [`tls`]: the certificate store, SPIFFE verifiers, file-mode credentials.
 //! - [`proxy`]: inbound and outbound listeners, detection, relay.
 //! - [`discovery`]: what the control plane says must answer at an address,
@@ -15,6 +17,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod capture;
 pub mod config;

@@ -36,6 +36,24 @@ pub mod admission;
 pub mod kube;
 pub mod netns;
 
+/// Echoes `child`'s piped stderr as `[tag] line` (so a failing test shows
+/// it) and hands each line to the returned receiver; `None` when stderr was
+/// not piped.
+pub fn follow_stderr(child: &mut Child, tag: &str) -> Option<mpsc::Receiver<String>> {
+    let stderr = child.stderr.take()?;
+    let (tx, lines) = mpsc::channel();
+    let tag = tag.to_owned();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[{tag}] {line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    Some(lines)
+}
+
 /// Path of a workspace binary, next to the test executable's `deps/` folder.
 /// The test command builds them first (`cargo build --workspace --bins`).
 pub fn bin(name: &str) -> PathBuf {
@@ -122,23 +140,19 @@ impl ControlPlane {
             } else {
                 &["--grpc-addr", "127.0.0.1:0"][..]
             })
-            .args(["--admin-addr", "127.0.0.1:0", "--log-level", "info"])
+            .args(if extra.contains(&"--admin-addr") {
+                &[][..]
+            } else {
+                &["--admin-addr", "127.0.0.1:0"][..]
+            })
+            .args(["--log-level", "info"])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .context("starting palisade-control-plane")?;
-        let stderr = child.stderr.take().context("stderr is piped")?;
-        let (tx, log) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[control-plane] {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let log = follow_stderr(&mut child, "control-plane").context("stderr is piped")?;
         let mut cp = Self {
             child,
             grpc_addr: SocketAddr::from(([0, 0, 0, 0], 0)),

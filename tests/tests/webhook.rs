@@ -8,7 +8,6 @@
 //! produce the expected iptables rules.
 
 use std::{
-    io::{BufRead, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -19,7 +18,7 @@ use anyhow::{Context, Result};
 use palisade_tests::{
     ControlPlane,
     admission::{assert_schema_valid, container, env, env_of, patched, post},
-    bin, eventually, http_get, metric, require_tool,
+    bin, eventually, follow_stderr, http_get, metric, require_tool,
 };
 use serde_json::Value;
 
@@ -262,7 +261,8 @@ fn admission_reviews_get_the_expected_answers_and_schema_valid_pods() -> Result<
     let web_env = env_of(container(web, "palisade-sidecar"));
     for (name, _) in &web_env {
         assert!(
-            help.contains(&format!("[env: {name}=")),
+            // `[env: NAME=default]`, or `[env: NAME]` for a value clap hides.
+            help.contains(&format!("[env: {name}=")) || help.contains(&format!("[env: {name}]")),
             "the sidecar has no {name}"
         );
     }
@@ -329,16 +329,7 @@ fn run_injected_sidecar(cp: &ControlPlane, dir: &Path, env: Vec<(String, String)
         .stderr(Stdio::piped())
         .spawn()
         .context("starting palisade-sidecar")?;
-    let stderr = child.stderr.take().context("stderr is piped")?;
-    let (tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[sidecar] {line}");
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let lines = follow_stderr(&mut child, "sidecar").context("stderr is piped")?;
     let result = (|| -> Result<String> {
         // The webhook turns JSON logs on; the "serving" line names the admin address.
         let admin: SocketAddr = eventually(Duration::from_secs(20), "the sidecar to serve", || {

@@ -72,7 +72,7 @@ pub struct ServeArgs {
     pub ca: CaArgs,
     #[command(flatten)]
     pub grpc: GrpcArgs,
-    /// Address of the admin server (/metrics, /ready, /live, /config).
+    /// Address of the admin server (/metrics, /ready, /live; /config on loopback only).
     #[arg(long, env = "PALISADE_ADMIN_ADDR", default_value = "0.0.0.0:15014")]
     pub admin_addr: SocketAddr,
     /// The mesh's SPIFFE trust domain.

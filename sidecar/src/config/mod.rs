@@ -93,7 +93,7 @@ pub struct RunArgs {
     /// One line per inbound connection the policy judged, on stdout: off or json (peer identity, port, decision, policy, bytes, duration).
     #[arg(long, env = "PALISADE_ACCESS_LOG", value_enum, default_value = "off")]
     pub access_log: AccessLog,
-    /// Address of the admin server (/metrics, /ready, /live, /config, /app-health/<container>/<probe>).
+    /// Address of the admin server (/metrics, /ready, /live, /identity, /app-health/<container>/<probe>; /config on loopback only).
     #[arg(long, env = "PALISADE_ADMIN_ADDR", default_value = "0.0.0.0:15020")]
     pub admin_addr: SocketAddr,
     /// The app's original kubelet probes as JSON, written by the webhook when it rewrote them to /app-health on the admin port.
