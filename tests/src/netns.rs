@@ -321,6 +321,15 @@ impl Lan {
         self.dir.path()
     }
 
+    /// A control plane for the LAN's pods, on the host's loopback, with its
+    /// CA and a static token file for `tokens` (token, identity) in
+    /// `control-plane/` of the test's directory.
+    pub fn control_plane(&self, tokens: &[(&str, &str)]) -> ControlPlane {
+        let dir = self.dir().join("control-plane");
+        fs::create_dir(&dir).expect("mkdir");
+        ControlPlane::start(&dir, tokens, &[]).expect("the control plane starts")
+    }
+
     /// Creates `NAME.log` in the test's directory; its tail is printed when
     /// the test fails.
     pub fn log(&self, name: &str) -> File {
@@ -1208,6 +1217,26 @@ pub fn start_sidecar(
         },
     );
     proc
+}
+
+/// Makes `pod` a meshed pod in file mode: a certificate for `identity` from
+/// `cp` ([`certify`], with `token`), the capture rules (`init
+/// --ipv6=false`) and its sidecar ([`start_sidecar`], with `mesh_networks`
+/// and `extra`), ready when this returns.
+#[allow(clippy::too_many_arguments)]
+pub fn mesh_pod(
+    lan: &Lan,
+    pod: &Netns,
+    cp: &ControlPlane,
+    bin: &Path,
+    identity: &str,
+    token: &str,
+    mesh_networks: &str,
+    extra: &[&str],
+) -> Proc {
+    let certs = certify(lan, cp, pod.role(), identity, token);
+    pod.exec(bin, &["init", "--ipv6=false"]);
+    start_sidecar(lan, pod, bin, &certs, mesh_networks, extra)
 }
 
 /// Gets a certificate for `identity` from the control plane `cp` with

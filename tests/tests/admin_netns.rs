@@ -12,12 +12,9 @@
 //! `tests/admin.rs` shows the same without root, on this host's own address.
 //! Needs root (CI runs as root): without it the test fails, never skips.
 
-use std::{fs, net::Ipv4Addr};
+use std::net::Ipv4Addr;
 
-use palisade_tests::{
-    ControlPlane,
-    netns::{Lan, Netns, certify, curl, curl_status, sidecar_for_proxy_uid, start_sidecar, tool},
-};
+use palisade_tests::netns::{Lan, Netns, curl, curl_status, mesh_pod, sidecar_for_proxy_uid, tool};
 
 const B_ID: &str = "spiffe://cluster.local/ns/b/sa/app-b";
 const B_TOKEN: &str = "token-of-app-b-0123456789";
@@ -33,15 +30,19 @@ fn the_pod_network_gets_health_metrics_and_identity_and_only_loopback_gets_confi
     let mut lan = Lan::new(NODE_IP, 24);
     lan.add_host("a", A_IP);
     lan.add_host("b", B_IP);
-    let cp_dir = lan.dir().join("control-plane");
-    fs::create_dir(&cp_dir).expect("mkdir");
-    let control_plane =
-        ControlPlane::start(&cp_dir, &[(B_TOKEN, B_ID)], &[]).expect("the control plane starts");
-    let sidecar_bin = sidecar_for_proxy_uid(&lan);
-    let certs = certify(&lan, &control_plane, "b", B_ID, B_TOKEN);
+    let control_plane = lan.control_plane(&[(B_TOKEN, B_ID)]);
     let b = lan.host("b");
-    b.exec(&sidecar_bin, &["init", "--ipv6=false"]);
-    let _sidecar = start_sidecar(&lan, b, &sidecar_bin, &certs, "198.18.0.0/24", &[]);
+    let bin = sidecar_for_proxy_uid(&lan);
+    let _sidecar = mesh_pod(
+        &lan,
+        b,
+        &control_plane,
+        &bin,
+        B_ID,
+        B_TOKEN,
+        "198.18.0.0/24",
+        &[],
+    );
 
     let pod = |path: &str| format!("http://{B_IP}:15020{path}");
     let askers: [(&str, &Netns); 3] = [

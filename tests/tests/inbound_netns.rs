@@ -21,13 +21,12 @@
 //!
 //! Needs root (CI runs as root): without it every test fails, never skips.
 
-use std::{fs, net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{fs, net::Ipv4Addr, time::Duration};
 
 use palisade_tests::{
     ControlPlane, metric,
     netns::{
-        App, Lan, Netns, Proc, User, certify, curl, secret, send, sidecar_for_proxy_uid,
-        start_sidecar, tool,
+        App, Lan, Netns, Proc, User, curl, mesh_pod, secret, send, sidecar_for_proxy_uid, tool,
     },
 };
 
@@ -38,6 +37,7 @@ const A_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const B_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const T_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
 const APP_PORT: u16 = 7001;
+const MESH_NETWORKS: &str = "198.18.0.0/24";
 const TARGET_PORT: u16 = 5432;
 
 /// a, b (meshed) and t on one LAN, a routing t's address through b.
@@ -64,26 +64,22 @@ impl Scene {
         lan.add_host("a", A_IP);
         lan.add_host("b", B_IP);
         lan.add_host("t", T_IP);
-        let cp_dir = lan.dir().join("control-plane");
-        fs::create_dir(&cp_dir).expect("mkdir");
-        let control_plane = ControlPlane::start(&cp_dir, &[(B_TOKEN, B_ID)], &[])
-            .expect("the control plane starts");
-        let sidecar_bin = sidecar_for_proxy_uid(&lan);
-        let certs: PathBuf = certify(&lan, &control_plane, "b", B_ID, B_TOKEN);
+        let control_plane = lan.control_plane(&[(B_TOKEN, B_ID)]);
         let b = lan.host("b");
-        b.exec(&sidecar_bin, &["init", "--ipv6=false"]);
+        let sidecar = mesh_pod(
+            &lan,
+            b,
+            &control_plane,
+            &sidecar_for_proxy_uid(&lan),
+            B_ID,
+            B_TOKEN,
+            MESH_NETWORKS,
+            &["--inbound-mode=permissive"],
+        );
         let apps = [
             App::start(&lan, b, &User::uid(1000), "b", &[APP_PORT]),
             App::start(&lan, lan.host("t"), &User::root(), "t", &[TARGET_PORT]),
         ];
-        let sidecar = start_sidecar(
-            &lan,
-            b,
-            &sidecar_bin,
-            &certs,
-            "198.18.0.0/24",
-            &["--inbound-mode=permissive"],
-        );
         // The attacker sends what is meant for t to b.
         lan.host("a").ip(&[
             "route",
@@ -285,28 +281,26 @@ impl ServerFirst {
         lan.add_host("b", B_IP);
         lan.add_host("m", M_IP);
         lan.add_host("c", C_IP);
-        let cp_dir = lan.dir().join("control-plane");
-        fs::create_dir(&cp_dir).expect("mkdir");
-        let control_plane = ControlPlane::start(&cp_dir, &[(B_TOKEN, B_ID), (M_TOKEN, M_ID)], &[])
-            .expect("the control plane starts");
+        let control_plane = lan.control_plane(&[(B_TOKEN, B_ID), (M_TOKEN, M_ID)]);
         let bin = sidecar_for_proxy_uid(&lan);
-        let mut sidecars = Vec::new();
-        for (role, id, token, extra) in [
+        let server_first = format!("--server-first-ports={GREETER_PORT}");
+        let sidecars = [
             ("b", B_ID, B_TOKEN, format!("--inbound-mode={mode}")),
             ("m", M_ID, M_TOKEN, "--inbound-mode=strict".to_owned()),
-        ] {
-            let certs = certify(&lan, &control_plane, role, id, token);
-            let host = lan.host(role);
-            host.exec(&bin, &["init", "--ipv6=false"]);
-            sidecars.push(start_sidecar(
+        ]
+        .map(|(role, id, token, mode)| {
+            let extra = [mode.as_str(), server_first.as_str()];
+            mesh_pod(
                 &lan,
-                host,
+                lan.host(role),
+                &control_plane,
                 &bin,
-                &certs,
-                "198.18.0.0/24",
-                &[&extra, &format!("--server-first-ports={GREETER_PORT}")],
-            ));
-        }
+                id,
+                token,
+                MESH_NETWORKS,
+                &extra,
+            )
+        });
         let log = lan.log("greeter-b");
         let mut greeter =
             lan.host("b")
@@ -320,9 +314,8 @@ impl ServerFirst {
             Some("ready"),
             "b's greeter did not start"
         );
-        let [b, m] = <[Proc; 2]>::try_from(sidecars).expect("two sidecars");
         Self {
-            _sidecars: [b, m],
+            _sidecars: sidecars,
             _greeter: greeter,
             _control_plane: control_plane,
             lan,
@@ -356,12 +349,25 @@ impl ServerFirst {
         }
     }
 
-    fn b_metric(&self, labels: &[(&str, &str)]) -> f64 {
-        metric(
+    /// m's app, meshed, talks to b's server-first app through mesh TLS,
+    /// which b's sidecar terminated (the first inbound handshake of b).
+    fn mesh_client_is_greeted(&self, step: &str) {
+        let line = secret(step);
+        assert_eq!(
+            self.exchange(self.lan.host("m"), &line),
+            Ok(greeted(&line)),
+            "m's app, meshed, talks to b's server-first app through mesh TLS"
+        );
+        let terminated = metric(
             &curl(self.lan.host("b"), "http://127.0.0.1:15020/metrics"),
             "palisade_tls_handshakes_total",
-            labels,
-        )
+            &[("direction", "inbound"), ("result", "success")],
+        );
+        assert_eq!(
+            terminated, 1.0,
+            "b terminated m's mesh TLS on the server-first port, instead of refusing it or \
+             handing the ClientHello to the app"
+        );
     }
 
     fn greeter_log(&self) -> String {
@@ -376,17 +382,7 @@ fn greeted(line: &str) -> String {
 #[test]
 fn in_strict_mode_a_server_first_port_carries_mesh_tls_and_refuses_plaintext() {
     let scene = ServerFirst::start("strict");
-    let line = secret("strict-mesh");
-    assert_eq!(
-        scene.exchange(scene.lan.host("m"), &line),
-        Ok(greeted(&line)),
-        "m's app, meshed, talks to b's server-first app through mesh TLS"
-    );
-    assert_eq!(
-        scene.b_metric(&[("direction", "inbound"), ("result", "success")]),
-        1.0,
-        "b terminated m's mesh TLS on the server-first port"
-    );
+    scene.mesh_client_is_greeted("strict-mesh");
     // A plain client waits for a greeting that never comes: refused.
     let plain = secret("strict-plain");
     let reply = scene.exchange(scene.lan.host("c"), &plain);
@@ -404,17 +400,7 @@ fn in_strict_mode_a_server_first_port_carries_mesh_tls_and_refuses_plaintext() {
 #[test]
 fn in_permissive_mode_a_server_first_port_takes_mesh_tls_and_greets_a_silent_plain_client() {
     let scene = ServerFirst::start("permissive");
-    let line = secret("permissive-mesh");
-    assert_eq!(
-        scene.exchange(scene.lan.host("m"), &line),
-        Ok(greeted(&line)),
-        "m's app, meshed, talks to b's server-first app through mesh TLS"
-    );
-    assert_eq!(
-        scene.b_metric(&[("direction", "inbound"), ("result", "success")]),
-        1.0,
-        "b terminated m's mesh TLS instead of handing the ClientHello to the app"
-    );
+    scene.mesh_client_is_greeted("permissive-mesh");
     let log = scene.greeter_log();
     assert!(
         !log.contains("\\x16\\x03"),

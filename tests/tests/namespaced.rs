@@ -22,17 +22,15 @@
 use std::{
     fs,
     net::{Ipv4Addr, SocketAddrV4},
-    os::unix::fs::chown,
     path::{Path, PathBuf},
-    process::Command,
     time::Duration,
 };
 
 use palisade_tests::{
-    ControlPlane, bin, eventually, metric,
+    ControlPlane, eventually, metric,
     netns::{
-        App, Lan, Netns, PROXY_UID, Proc, Signal, User, as_proxy_uid, contains, curl_status, run,
-        secret, send, sidecar_for_proxy_uid, tool,
+        App, Lan, Netns, PROXY_UID, Proc, Signal, User, certify, contains, curl_status, secret,
+        send, sidecar_for_proxy_uid, tool,
     },
 };
 
@@ -352,10 +350,7 @@ impl Mesh {
         lan.add_host("b", B_IP);
         lan.add_host("c", C_IP);
 
-        let cp_dir = lan.dir().join("control-plane");
-        fs::create_dir(&cp_dir).expect("mkdir");
-        let control_plane = ControlPlane::start(&cp_dir, &[(A_TOKEN, A_ID), (B_TOKEN, B_ID)], &[])
-            .expect("the control plane starts");
+        let control_plane = lan.control_plane(&[(A_TOKEN, A_ID), (B_TOKEN, B_ID)]);
         let sidecar_bin = sidecar_for_proxy_uid(&lan);
         let certs_a = certify(&lan, &control_plane, "a", A_ID, A_TOKEN);
         let certs_b = certify(&lan, &control_plane, "b", B_ID, B_TOKEN);
@@ -503,44 +498,6 @@ impl Sidecar {
 }
 
 // === set-up ===
-
-/// Gets a certificate for `identity` from the control plane with
-/// `palisade-sidecar certify`, in the host namespace, into a directory the
-/// sidecar's uid owns.
-fn certify(lan: &Lan, cp: &ControlPlane, name: &str, identity: &str, token: &str) -> PathBuf {
-    let token_file = lan.dir().join(format!("token-{name}"));
-    fs::write(&token_file, token).expect("write token");
-    let out = lan.dir().join(format!("certs-{name}"));
-    run(Command::new(bin("palisade-sidecar"))
-        .args([
-            "certify",
-            "--control-plane",
-            &format!("https://{}", cp.grpc_addr),
-        ])
-        .arg("--bundle")
-        .arg(cp.ca_dir.join("ca.crt"))
-        .args(["--identity", identity])
-        .arg("--token-file")
-        .arg(&token_file)
-        .arg("--out")
-        .arg(&out));
-    let owned = [out.clone()].into_iter().chain(
-        fs::read_dir(&out)
-            .expect("read certs")
-            .flatten()
-            .map(|e| e.path()),
-    );
-    for path in owned {
-        chown(&path, Some(PROXY_UID), Some(PROXY_UID)).expect("chown to the proxy uid");
-    }
-    assert!(
-        as_proxy_uid("-r", &out.join("tls.key")),
-        "uid {PROXY_UID} cannot read {}: is a directory above it closed to others? \
-         point TMPDIR somewhere world-traversable",
-        out.display()
-    );
-    out
-}
 
 /// Replaces the policy file in one rename, as a ConfigMap update would.
 fn write_policy(path: &Path, text: &str) {

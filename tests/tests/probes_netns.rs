@@ -29,8 +29,8 @@ use std::{fs, net::Ipv4Addr, process::Stdio, time::Duration};
 use palisade_tests::{
     ControlPlane, eventually, metric,
     netns::{
-        App, Lan, Netns, Proc, Signal, User, certify, curl, curl_status, secret, send,
-        sidecar_for_proxy_uid, start_sidecar, tool,
+        App, Lan, Netns, Proc, Signal, User, curl, curl_status, mesh_pod, secret, send,
+        sidecar_for_proxy_uid, tool,
     },
 };
 
@@ -234,15 +234,8 @@ impl Pod {
         lan.add_host("a", A_IP);
         lan.add_host("b", B_IP);
 
-        let cp_dir = lan.dir().join("control-plane");
-        fs::create_dir(&cp_dir).expect("mkdir");
-        let control_plane = ControlPlane::start(&cp_dir, &[(B_TOKEN, B_ID)], &[])
-            .expect("the control plane starts");
-        let sidecar_bin = sidecar_for_proxy_uid(&lan);
-        let certs = certify(&lan, &control_plane, "b", B_ID, B_TOKEN);
-
+        let control_plane = lan.control_plane(&[(B_TOKEN, B_ID)]);
         let b = lan.host("b");
-        b.exec(&sidecar_bin, &["init", "--ipv6=false"]);
         let app_user = User::uid(APP_UID);
         let tcp_app = App::start(&lan, b, &app_user, "b-tcp", &[TCP_PORT]);
         let http_app = start_http_app(&lan, b, &app_user);
@@ -260,11 +253,13 @@ impl Pod {
             },
             "app/liveness": {"tcpSocket": {"port": TCP_PORT}},
         });
-        let sidecar = start_sidecar(
+        let sidecar = mesh_pod(
             &lan,
             b,
-            &sidecar_bin,
-            &certs,
+            &control_plane,
+            &sidecar_for_proxy_uid(&lan),
+            B_ID,
+            B_TOKEN,
             MESH_NETWORKS,
             &[
                 "--inbound-mode=strict",

@@ -54,7 +54,12 @@ pub(super) fn web_spec() -> Value {
 }
 
 pub(super) fn review_of(pod: &Value, operation: &str) -> Vec<u8> {
-    serde_json::to_vec(&json!({
+    serde_json::to_vec(&review_json(pod, operation)).expect("serializable")
+}
+
+/// An AdmissionReview of `pod` in `demo`, as JSON to adjust.
+pub(super) fn review_json(pod: &Value, operation: &str) -> Value {
+    json!({
         "apiVersion": "admission.k8s.io/v1",
         "kind": "AdmissionReview",
         "request": {
@@ -68,8 +73,7 @@ pub(super) fn review_of(pod: &Value, operation: &str) -> Vec<u8> {
             "oldObject": null,
             "dryRun": false,
         }
-    }))
-    .expect("serializable")
+    })
 }
 
 /// The response as the API server reads it, and the pod after its patch.

@@ -7,7 +7,7 @@ use http::StatusCode;
 
 use serde_json::{Value, json};
 
-use super::{CONFIG, count, env, env_of, pod, review_of, run, web_spec};
+use super::{CONFIG, count, env, env_of, pod, review_json, review_of, run, web_spec};
 use crate::{
     discovery::Discovery,
     inject::{Entry, InboundMode, InjectionConfig, Injector},
@@ -221,8 +221,7 @@ fn a_namespace_that_does_not_enforce_keeps_the_pod_s_choices() {
     let (injector, _, _) = enforcing(&[]);
     let mut opted_out = pod(json!({"palisade.io/inject": "false"}), web_spec());
     opted_out["metadata"]["namespace"] = json!("open");
-    let review = review_of(&opted_out, "CREATE");
-    let mut review: Value = serde_json::from_slice(&review).expect("json");
+    let mut review = review_json(&opted_out, "CREATE");
     review["request"]["namespace"] = json!("open");
     let reply = injector.review(&serde_json::to_vec(&review).expect("json"));
     let body = reply.body();
@@ -373,24 +372,12 @@ fn the_enforce_entry_enforces_without_caches_and_before_they_see_the_label() {
 }
 
 fn ephemeral_review(old: &Value, new: &Value) -> Vec<u8> {
-    serde_json::to_vec(&json!({
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": "b1d4c2a0-0000-4000-8000-000000000002",
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "subResource": "ephemeralcontainers",
-            "namespace": "demo",
-            "name": "web-1",
-            "operation": "UPDATE",
-            "userInfo": {"username": "tester"},
-            "object": new,
-            "oldObject": old,
-            "dryRun": false,
-        }
-    }))
-    .expect("serializable")
+    let mut review = review_json(new, "UPDATE");
+    review["request"]["uid"] = json!("b1d4c2a0-0000-4000-8000-000000000002");
+    review["request"]["subResource"] = json!("ephemeralcontainers");
+    review["request"]["name"] = json!("web-1");
+    review["request"]["oldObject"] = old.clone();
+    serde_json::to_vec(&review).expect("serializable")
 }
 
 #[test]
